@@ -1,0 +1,32 @@
+# `make demo` and `make test` set everything up on a fresh machine: they create .venv with a
+# Python >= 3.12 that scripts/find_python.sh finds, install seqppl into it, and run.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || { interp=$$(scripts/find_python.sh) && $$interp -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/seqppl demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check seqppl models tests examples benchmarks
+	$(VENV)/bin/ruff format --check seqppl models tests examples benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_bellman.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,27 @@
+"""seqppl: autoregressive and energy-based sequence models as interchangeable NumPyro distributions.
+
+The soft Bellman map links the two (THEORY.md): ARM logits ``q = M(r)`` of EBM local rewards ``r``,
+computed exactly by dynamic programming on finite-state lattices.
+"""
+
+from seqppl.bellman import inverse_soft_bellman, occupancy, path_rewards, soft_bellman, soft_values
+from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
+from seqppl.logspace import log_softmax, logsumexp, softmax
+from seqppl.space import MAX_ENUMERATE, SequenceSpace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SequenceSpace",
+    "MAX_ENUMERATE",
+    "Lattice",
+    "MAX_PREFIX_TREE_CELLS",
+    "soft_bellman",
+    "soft_values",
+    "inverse_soft_bellman",
+    "path_rewards",
+    "occupancy",
+    "logsumexp",
+    "log_softmax",
+    "softmax",
+]

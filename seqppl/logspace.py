@@ -1,0 +1,75 @@
+"""NaN-safe log-space reductions: −∞ rows give value −∞ and gradient 0.
+
+``jax.nn.logsumexp`` returns −∞ on a row that is entirely −∞ but its gradient there is NaN
+(``exp(x - max)`` with ``max = −∞``). Every reduction in seqppl goes through this module, whose
+rules are: ``logsumexp(x) = m + log Σ exp(x - m)`` with ``m = max x``; its derivative is the
+softmax ``exp(x - logsumexp(x))``, defined as 0 on an all −∞ row. ``+∞`` and NaN inputs are
+refused upstream by validation, never handled here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["logsumexp", "log_softmax", "softmax", "NEG_INF"]
+
+NEG_INF = -jnp.inf
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``log Σ_a exp(x[..., a])`` over ``axis``; −∞ (gradient 0) where every entry is −∞.
+
+    Args:
+        x: float ``[..., A]``; −∞ entries are excluded actions.
+        axis: the reduced axis (an int).
+
+    Returns:
+        float ``[...]``, the dtype of ``x``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> logsumexp(jnp.array([[0.0, 0.0], [-jnp.inf, -jnp.inf]]))
+        Array([0.6931472,      -inf], dtype=float32)
+    """
+    m = jnp.max(x, axis=axis, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+    total = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
+    positive = total > 0
+    out = jnp.where(positive, jnp.log(jnp.where(positive, total, 1)) + m, NEG_INF)
+    return jnp.squeeze(out, axis=axis)
+
+
+@logsumexp.defjvp
+def _logsumexp_jvp(axis, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    out = logsumexp(x, axis)
+    weights = _softmax_from(x, jnp.expand_dims(out, axis))
+    return out, jnp.sum(weights * jnp.where(weights > 0, dx, 0), axis=axis)
+
+
+def _softmax_from(x: jax.Array, lse: jax.Array) -> jax.Array:
+    """``exp(x - lse)`` with 0 wherever ``lse = −∞`` (an all −∞ row)."""
+    finite = jnp.isfinite(lse)
+    return jnp.exp(jnp.where(finite, x - jnp.where(finite, lse, 0), NEG_INF))
+
+
+def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``x - logsumexp(x)`` over ``axis``; an all −∞ row stays −∞ (gradient 0), never NaN.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> log_softmax(jnp.array([0.0, -jnp.inf]))
+        Array([  0., -inf], dtype=float32)
+    """
+    lse = jnp.expand_dims(logsumexp(x, axis), axis)
+    finite = jnp.isfinite(lse)
+    return jnp.where(finite, x - jnp.where(finite, lse, 0), NEG_INF)
+
+
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``exp(log_softmax(x))``; an all −∞ row gives zeros (not NaN)."""
+    return _softmax_from(x, jnp.expand_dims(logsumexp(x, axis), axis))

@@ -1,0 +1,169 @@
+"""SequenceSpace: the set of token sequences a model is a distribution over (THEORY.md §1).
+
+A fixed-length space holds every sequence of exactly ``L`` tokens from ``0..V-1``: its horizon
+(number of decisions) is ``T = L`` and its action set is the vocabulary. A variable-length space
+holds every response of at most ``L`` tokens followed by the end token ``EOS = V``: ``T = L + 1``
+decisions over ``A = V + 1`` actions, and the stored array is padded with EOS after the first one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+__all__ = ["SequenceSpace", "MAX_ENUMERATE"]
+
+MAX_ENUMERATE = 1 << 22
+"""Largest number of sequences ``SequenceSpace.enumerate`` materialises (4,194,304)."""
+
+
+@dataclass(frozen=True)
+class SequenceSpace:
+    """Token sequences over a vocabulary ``0..V-1``, of fixed length or ended by EOS.
+
+    Args:
+        vocab_size: ``V >= 1``, the number of ordinary tokens.
+        length: ``L >= 1``; exactly ``L`` tokens (``eos=False``) or at most ``L`` then EOS.
+        eos: whether responses end with the end token ``EOS = V``.
+
+    Example:
+        >>> space = SequenceSpace(vocab_size=2, length=2, eos=True)
+        >>> space.horizon, space.num_actions, space.eos_id, space.num_sequences
+        (3, 3, 2, 7)
+    """
+
+    vocab_size: int
+    length: int
+    eos: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+            object.__setattr__(self, name, int(value))
+        if not isinstance(self.eos, (bool, np.bool_)):
+            raise TypeError(f"eos must be a bool, got {type(self.eos).__name__}")
+        object.__setattr__(self, "eos", bool(self.eos))
+
+    @property
+    def horizon(self) -> int:
+        """``T``: the number of decisions, i.e. the length of the stored token array."""
+        return self.length + 1 if self.eos else self.length
+
+    @property
+    def num_actions(self) -> int:
+        """``A``: ``V + 1`` with EOS, else ``V``."""
+        return self.vocab_size + 1 if self.eos else self.vocab_size
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end token's id ``V``, or None in a fixed-length space."""
+        return self.vocab_size if self.eos else None
+
+    @property
+    def num_sequences(self) -> int:
+        """``V^T`` (fixed length) or ``sum_{k<=L} V^k = (V^T - 1)/(V - 1)`` (variable length)."""
+        V, L = self.vocab_size, self.length
+        if not self.eos:
+            return V**L
+        return L + 1 if V == 1 else (V ** (L + 1) - 1) // (V - 1)
+
+    def action_mask(self) -> np.ndarray:
+        """Allowed actions per decision, bool ``[T, A]``: all, but only EOS at a variable space's last."""
+        mask = np.ones((self.horizon, self.num_actions), dtype=bool)
+        if self.eos:
+            mask[-1, : self.vocab_size] = False
+        return mask
+
+    def enumerate(self, max_sequences: int = MAX_ENUMERATE) -> np.ndarray:
+        """Every sequence of the space, int32 ``[N, T]``, ``N = num_sequences``.
+
+        Order: by response length (shortest first), then lexicographically; EOS pads the tail.
+
+        Raises:
+            ValueError: if ``num_sequences > max_sequences`` (default ``MAX_ENUMERATE``).
+        """
+        if self.num_sequences > max_sequences:
+            raise ValueError(
+                f"space has {self.num_sequences} sequences, more than max_sequences="
+                f"{max_sequences}; use a lattice (DP) or a Monte Carlo method instead"
+            )
+        lengths = range(self.length + 1) if self.eos else [self.length]
+        blocks = []
+        for k in lengths:
+            body = np.array(list(itertools.product(range(self.vocab_size), repeat=k)), np.int32)
+            body = body.reshape(self.vocab_size**k, k)
+            pad = np.full((body.shape[0], self.horizon - k), self.vocab_size, np.int32)
+            blocks.append(np.concatenate([body, pad], axis=1))
+        return np.concatenate(blocks, axis=0)
+
+    def validate(self, tokens, name: str = "tokens") -> np.ndarray:
+        """Checks a token array ``[..., T]`` and returns it as a NumPy int array.
+
+        Raises:
+            ValueError: non-integer dtype, a last dimension other than ``T``, an id outside the
+                action set, EOS in a fixed-length space, a non-EOS token after EOS, or no EOS by
+                the horizon; the message names the argument, the first bad index and its value.
+        """
+        y = _concrete(tokens, name)
+        if y.ndim == 0 or y.shape[-1] != self.horizon:
+            raise ValueError(f"{name} must have last dimension T={self.horizon}, got shape {y.shape}")
+        _check_ids(y, name, 0, self.num_actions - 1, self._fixed_eos_hint())
+        if self.eos:
+            is_eos = y == self.vocab_size
+            after_eos = np.cumsum(is_eos, axis=-1) - is_eos > 0
+            bad = after_eos & ~is_eos
+            if bad.any():
+                idx = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(
+                    f"{name}{list(idx)} = {int(y[idx])} follows EOS ({self.vocab_size}); "
+                    "every entry after the first EOS must be EOS"
+                )
+            missing = ~is_eos[..., -1]
+            if missing.any():
+                idx = tuple(int(i) for i in np.argwhere(missing)[0])
+                raise ValueError(
+                    f"{name}{list(idx)} has no EOS by the horizon T={self.horizon}: a response "
+                    f"holds at most L={self.length} tokens, then EOS={self.vocab_size}"
+                )
+        return y
+
+    def validate_prompt(self, prompt, name: str = "prompt") -> np.ndarray | None:
+        """Checks a prompt ``[..., P]`` of vocabulary ids (no EOS); returns it as NumPy or None."""
+        if prompt is None:
+            return None
+        x = _concrete(prompt, name)
+        if x.ndim == 0:
+            raise ValueError(f"{name} must have a last (length) dimension, got a scalar")
+        _check_ids(x, name, 0, self.vocab_size - 1, "prompts hold vocabulary ids only (no EOS)")
+        return x
+
+    def _fixed_eos_hint(self) -> str:
+        if self.eos:
+            return ""
+        return f"a fixed-length space has no EOS: id {self.vocab_size} is not allowed"
+
+
+def _concrete(array, name: str) -> np.ndarray:
+    if isinstance(array, jax.core.Tracer):
+        raise TypeError(f"{name} must be a concrete array to validate, got a traced value")
+    y = np.asarray(array)
+    if y.size == 0 and y.dtype == np.float64:  # `[]` is an empty sequence of ids
+        y = y.astype(np.int32)
+    if y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name} must have an integer dtype, got {y.dtype}")
+    return y
+
+
+def _check_ids(y: np.ndarray, name: str, low: int, high: int, hint: str = "") -> None:
+    bad = (y < low) | (y > high)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        extra = f" ({hint})" if hint and int(y[idx]) == high + 1 else ""
+        raise ValueError(f"{name}{list(idx)} = {int(y[idx])} is not in [{low}, {high}]{extra}")
