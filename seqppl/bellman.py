@@ -79,8 +79,8 @@ def soft_bellman(lat: Lattice, r, reference=None) -> tuple[jax.Array, jax.Array]
         >>> from seqppl import SequenceSpace, Lattice
         >>> lat = Lattice.markov(SequenceSpace(vocab_size=2, length=2, eos=True), order=0)
         >>> q, V = soft_bellman(lat, jnp.zeros((1, 3)))
-        >>> q[0, 0].round(4)  # log of the number of completions after 0, 1, EOS
-        Array([1.0986, 1.0986, 0.    ], dtype=float32)
+        >>> print(q[0, 0].round(4))  # log of the number of completions after 0, 1, EOS
+        [1.0986 1.0986 0.    ]
     """
     r, reference = _prepare(lat, r, reference)
     q, values = _backward(lat, _with_reference(lat, r, reference), write_q=True)
@@ -111,9 +111,9 @@ def inverse_soft_bellman(lat: Lattice, q, reference=None, prompt=None) -> jax.Ar
     Example:
         >>> from seqppl import SequenceSpace, Lattice
         >>> lat = Lattice.markov(SequenceSpace(vocab_size=2, length=2), order=0)
-        >>> inverse_soft_bellman(lat, jnp.zeros((1, 2)))[:, 0].round(4)
-        Array([[-0.6931, -0.6931],
-               [ 0.    ,  0.    ]], dtype=float32)
+        >>> print(inverse_soft_bellman(lat, jnp.zeros((1, 2)))[:, 0].round(4))
+        [[-0.6931 -0.6931]
+         [ 0.      0.    ]]
     """
     q, reference = _prepare(lat, q, reference, name="q")
     full = _with_reference(lat, q, reference)

@@ -136,7 +136,9 @@ class Lattice:
         bad = (tokens < 0) | (tokens >= num_states)
         if bad.any():
             s, a = (int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"delta[{s}, {a}] = {int(tokens[s, a])} is not in [0, {num_states - 1}]")
+            raise ValueError(
+                f"delta[{s}, {a}] = {int(tokens[s, a])} is not in [0, {num_states - 1}]"
+            )
         if not isinstance(initial, (int, np.integer)) or not 0 <= initial < num_states:
             raise ValueError(f"initial must be a state in [0, {num_states - 1}], got {initial!r}")
         full = np.tile(np.arange(num_states)[:, None], (1, space.num_actions))
@@ -144,7 +146,7 @@ class Lattice:
         return cls(space, _as_delta(full), int(initial), "automaton")
 
     def product(self, other: Lattice) -> Lattice:
-        """The product lattice: state ``u·S_2 + v`` for the pair ``(u, v)``; rewards may read both."""
+        """The product lattice: state ``u·S_2 + v`` for the pair ``(u, v)``."""
         if other.space != self.space:
             raise ValueError(f"other lattice is over {other.space}, not {self.space}")
         s2 = other.num_states
@@ -194,6 +196,31 @@ class Lattice:
 
     # -- tables -------------------------------------------------------------------------------
 
+    def path_scores(self, table, tokens, prompt=None) -> jax.Array:
+        """``table[t, s_t, y_t]`` along each path, float ``[..., T]``; 0 after the first EOS.
+
+        Summed over t this is ``R_r(y)`` for local rewards, or ``log p_q(y)`` for normalised
+        logits. Ids outside ``[0, A)`` score −∞.
+
+        Args:
+            table: float ``[S, A]`` or ``[T, S, A]``.
+            tokens: int ``[..., T]``.
+            prompt: optional int ``[..., P]``.
+        """
+        space = self.space
+        table = jnp.asarray(table)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        in_range = (tokens >= 0) & (tokens < space.num_actions)
+        safe = jnp.where(in_range, tokens, 0)
+        states = self.states(safe, prompt)
+        if table.ndim == 2:
+            scores = table[states, safe]
+        else:
+            scores = table[jnp.arange(space.horizon), states, safe]
+        is_eos = safe == (space.eos_id if space.eos else -1)
+        active = (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0
+        return jnp.where(active, jnp.where(in_range, scores, -jnp.inf), 0)
+
     def lift(self, table, factor: int):
         """A table ``[..., S_i, A]`` on factor ``i`` of a product, as a table on the product."""
         if self.kind != "product":
@@ -223,8 +250,14 @@ class Lattice:
                 raise ValueError(f"a boolean accepting must have shape [{self.num_states}]")
             accept = ids
         elif ids.size:
-            if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= self.num_states:
-                raise ValueError(f"accepting must hold states in [0, {self.num_states - 1}], got {ids}")
+            if (
+                not np.issubdtype(ids.dtype, np.integer)
+                or ids.min() < 0
+                or ids.max() >= self.num_states
+            ):
+                raise ValueError(
+                    f"accepting must hold states in [0, {self.num_states - 1}], got {ids}"
+                )
             accept[ids] = True
         space = self.space
         r = np.zeros((space.horizon, self.num_states, space.num_actions))

@@ -75,7 +75,7 @@ class SequenceSpace:
         return L + 1 if V == 1 else (V ** (L + 1) - 1) // (V - 1)
 
     def action_mask(self) -> np.ndarray:
-        """Allowed actions per decision, bool ``[T, A]``: all, but only EOS at a variable space's last."""
+        """Allowed actions per decision, bool ``[T, A]``; only EOS at a variable space's last."""
         mask = np.ones((self.horizon, self.num_actions), dtype=bool)
         if self.eos:
             mask[-1, : self.vocab_size] = False
@@ -113,7 +113,9 @@ class SequenceSpace:
         """
         y = _concrete(tokens, name)
         if y.ndim == 0 or y.shape[-1] != self.horizon:
-            raise ValueError(f"{name} must have last dimension T={self.horizon}, got shape {y.shape}")
+            raise ValueError(
+                f"{name} must have last dimension T={self.horizon}, got shape {y.shape}"
+            )
         _check_ids(y, name, 0, self.num_actions - 1, self._fixed_eos_hint())
         if self.eos:
             is_eos = y == self.vocab_size

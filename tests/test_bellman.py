@@ -107,7 +107,9 @@ def test_gradient_of_log_z_is_the_occupancy(problem):
 @given(spaces(), st.data())
 def test_prefix_tree_occupancy_is_the_prefix_marginal(space, data):
     lat = sp.Lattice.prefix_tree(space)
-    r, scale = data.draw(__import__("tests.strategies", fromlist=["tables"]).tables(lat, np.float64))
+    r, scale = data.draw(
+        __import__("tests.strategies", fromlist=["tables"]).tables(lat, np.float64)
+    )
     occ = np.asarray(sp.occupancy(lat, jnp.asarray(r)))
     seqs = _sequences(lat)
     rewards = np.array([oracles.sequence_reward(r, lat, y) for y in seqs])
@@ -179,7 +181,9 @@ def test_path_rewards_for_any_logits(space, data):
         tau = oracles.response_length(yy, space.eos_id)
         log_p = sum(masked[t, yy[t]] - oracles.logsumexp_np(masked[t]) for t in range(tau))
         expected = log_p + oracles.logsumexp_np(masked[0])
-        assert_close(rr.sum(), expected, tolerance(np.float64, space.horizon, 5.0), "Σ r = log p + V")
+        assert_close(
+            rr.sum(), expected, tolerance(np.float64, space.horizon, 5.0), "Σ r = log p + V"
+        )
         assert (rr[tau:] == 0).all()
 
 
@@ -208,7 +212,9 @@ def test_jit_vmap_and_grad_over_batches_of_tables():
         np.testing.assert_allclose(batched_q[i], q, rtol=1e-12)
         np.testing.assert_allclose(batched_v[i], v, rtol=1e-12)
         assert_close(v[0, lat.initial], oracles.log_z(tables[i], lat), 1e-10, "vmap log Z")
-    grads = jax.vmap(jax.grad(lambda t: sp.soft_values(lat, t)[0, lat.initial]))(jnp.asarray(tables))
+    grads = jax.vmap(jax.grad(lambda t: sp.soft_values(lat, t)[0, lat.initial]))(
+        jnp.asarray(tables)
+    )
     assert not np.isnan(grads).any()
     np.testing.assert_allclose(grads.sum((2, 3))[:, 0], 1.0, rtol=1e-12)
     r_back = jax.jit(jax.vmap(lambda q: sp.inverse_soft_bellman(lat, q)))(batched_q)
@@ -239,3 +245,43 @@ def test_bad_tables_are_refused():
     assert np.isfinite(sp.inverse_soft_bellman(lat, q)[0, lat.initial, 1])
     ints = sp.soft_values(lat, np.zeros((3, 3), dtype=np.int32))
     assert jnp.issubdtype(ints.dtype, jnp.floating)
+
+
+KINDS = ["prefix_tree", "markov0", "markov1", "markov2", "markov3", "automaton", "product"]
+
+
+def _lattice(kind, space):
+    if kind == "prefix_tree":
+        return sp.Lattice.prefix_tree(space)
+    if kind.startswith("markov"):
+        return sp.Lattice.markov(space, order=int(kind[-1]))
+    mod3 = (np.arange(3)[:, None] + np.arange(space.vocab_size)[None, :]) % 3
+    automaton = sp.Lattice.automaton(space, mod3, initial=1)
+    return automaton if kind == "automaton" else sp.Lattice.markov(space, 1).product(automaton)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("eos", [False, True])
+@pytest.mark.parametrize("prompt", [None, np.array([1, 0, 2])])
+def test_every_lattice_kind_and_mode_against_the_oracle(kind, eos, prompt):
+    """A fixed grid so that every kind × mode × prompt case runs, whatever hypothesis draws."""
+    space = sp.SequenceSpace(vocab_size=3, length=3, eos=eos)
+    lat = _lattice(kind, space)
+    rng = np.random.default_rng(KINDS.index(kind))
+    r = 3 * rng.standard_normal((space.horizon, lat.num_states, space.num_actions))
+    r[rng.random(r.shape) < 0.3] = -np.inf
+    tol = tolerance(np.float64, space.horizon, 3.0)
+    q, values = sp.soft_bellman(lat, jnp.asarray(r))
+    start = int(lat.initial_state(prompt))
+    log_z = oracles.log_z(r, lat, prompt)
+    assert np.isfinite(log_z)
+    assert_close(values[0, start], log_z, tol, "log Z")
+    seqs = _sequences(lat)
+    rewards = np.array([oracles.sequence_reward(r, lat, y, prompt) for y in seqs])
+    log_p = np.array([oracles.arm_log_prob(q, lat, y, prompt) for y in seqs])
+    assert_close(log_p, rewards - log_z, tol, "log p")
+    r_back = sp.inverse_soft_bellman(lat, q, prompt=prompt)
+    back = np.array([oracles.sequence_reward(r_back, lat, y, prompt) for y in seqs])
+    assert_close(back, rewards, tol, "M⁻¹∘M")
+    occ = sp.occupancy(lat, jnp.asarray(r), prompt=prompt)
+    assert_close(occ, oracles.occupancy(r, lat, prompt), tol, "occupancy")

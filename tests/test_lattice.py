@@ -91,7 +91,9 @@ def test_lift_and_accepting_rewards():
     var = sp.SequenceSpace(vocab_size=2, length=3, eos=True)
     par_var = sp.Lattice.automaton(var, np.array([[0, 1], [1, 0]]))
     acc = par_var.accepting_rewards(np.array([True, False]))
-    assert (acc[:, 1, 2] == -np.inf).all() and (acc[:, 0, 2] == 0).all() and (acc[..., :2] == 0).all()
+    assert (
+        (acc[:, 1, 2] == -np.inf).all() and (acc[:, 0, 2] == 0).all() and (acc[..., :2] == 0).all()
+    )
 
 
 def test_bad_lattice_input_is_refused():
@@ -123,3 +125,21 @@ def test_delta_is_read_only_int32(space, data):
     lat = data.draw(automata(space))
     assert lat.delta.dtype == np.int32 and not lat.delta.flags.writeable
     assert lat.delta.shape == (lat.num_states, space.num_actions)
+
+
+@given(spaces(), st.data())
+def test_path_scores_sum_to_the_sequence_reward(space, data):
+    from .strategies import tables
+
+    lat = data.draw(lattices(space))
+    r, _ = data.draw(tables(lat, np.float64))
+    prompt = data.draw(prompts(space))
+    seqs = _paths(space)
+    scores = np.asarray(lat.path_scores(jnp.asarray(r), seqs, prompt))
+    assert scores.shape == seqs.shape
+    expected = [oracles.sequence_reward(r, lat, y, prompt) for y in seqs]
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(scores.sum(-1), expected, rtol=1e-12)
+    bad = seqs.copy()
+    bad[:, 0] = space.num_actions
+    assert np.isneginf(np.asarray(lat.path_scores(jnp.asarray(r), bad, prompt)).sum(-1)).all()

@@ -1,0 +1,7 @@
+"""``python -m seqppl``: the command line."""
+
+import sys
+
+from seqppl.cli import main
+
+sys.exit(main())
