@@ -1,4 +1,4 @@
-"""Throughput of the soft-Bellman dynamic program, side by side with plain-jnp scans and brute force.
+"""Throughput of the soft-Bellman DP, side by side with plain-jnp scans and brute force.
 
 Cells per second = T·S·A / steady-state seconds (compile timed separately; median of the runs,
 each ended by ``block_until_ready``). Every comparison first asserts that both sides agree.
@@ -90,7 +90,7 @@ def brute_vs_dp(rows, repeats):
     c_b, t_b, brute = timed(brute_fn, r, repeats=repeats)
     np.testing.assert_allclose(dp, brute, rtol=1e-5)
     rows.append(("V=4 T=8 markov(1), log Z", "DP soft_values", c_d, t_d, None))
-    rows.append((f"V=4 T=8 markov(1), log Z", f"enumeration of {len(seqs)} seqs", c_b, t_b, None))
+    rows.append(("V=4 T=8 markov(1), log Z", f"enumeration of {len(seqs)} seqs", c_b, t_b, None))
     return t_b / t_d
 
 
@@ -105,7 +105,9 @@ def path_vs_tree(rows, repeats):
     c_t, t_t, r_tree = timed(tree_fn, q, repeats=repeats)
     c_p, t_p, r_path = timed(path_fn, q, repeats=repeats)
     np.testing.assert_allclose(tree.path_scores(r_tree, y), r_path, rtol=1e-5, atol=1e-5)
-    rows.append(("V=4 T=8 prefix tree, M⁻¹", f"full tree ({tree.num_states} states)", c_t, t_t, None))
+    rows.append(
+        ("V=4 T=8 prefix tree, M⁻¹", f"full tree ({tree.num_states} states)", c_t, t_t, None)
+    )
     rows.append(("V=4 T=8 prefix tree, M⁻¹", "path-wise, one path", c_p, t_p, None))
     return t_t / t_p
 
@@ -132,7 +134,7 @@ def main():
     tree_ratio = path_vs_tree(rows, args.repeats)
 
     print(f"jax {jax.__version__}, device {jax.devices()[0]}, float32\n")
-    print(f"| problem | routine | compile+first (s) | steady (ms) | cells/s |")
+    print("| problem | routine | compile+first (s) | steady (ms) | cells/s |")
     print("|---|---|---|---|---|")
     for problem, label, compile_s, steady, rate in rows:
         rate_s = f"{rate:.3g}" if rate else "-"
@@ -140,7 +142,9 @@ def main():
     print()
     print(f"markov:    seqppl / best plain time = {ours_m / plain_m:.2f} (<= 1.25 is within 80%)")
     print(f"automaton: seqppl / best plain time = {ours_a / plain_a:.2f}")
-    print(f"enumeration / DP time = {brute_ratio:.1f}x;  full-tree M⁻¹ / path-wise = {tree_ratio:.1f}x")
+    print(
+        f"enumeration / DP time = {brute_ratio:.1f}x; full-tree M⁻¹ / path-wise = {tree_ratio:.1f}x"
+    )
 
 
 if __name__ == "__main__":

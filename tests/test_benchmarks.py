@@ -1,0 +1,21 @@
+"""Each benchmark script runs tiny (its own equality assertions included)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_benchmark_runs_tiny(script):
+    out = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "|---|" in out.stdout, "each benchmark prints a markdown table"
