@@ -5,6 +5,7 @@ computed exactly by dynamic programming on finite-state lattices.
 """
 
 from seqppl.bellman import inverse_soft_bellman, occupancy, path_rewards, soft_bellman, soft_values
+from seqppl.distributions import ARM, EBM, SequenceSupport, to_arm, to_ebm
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 from seqppl.logspace import log_softmax, logsumexp, softmax
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
@@ -13,6 +14,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SequenceSpace",
+    "ARM",
+    "EBM",
+    "SequenceSupport",
+    "to_arm",
+    "to_ebm",
     "MAX_ENUMERATE",
     "Lattice",
     "MAX_PREFIX_TREE_CELLS",

@@ -156,7 +156,7 @@ def path_rewards(logits, tokens, space: SequenceSpace | None = None) -> jax.Arra
             raise ValueError(
                 f"logits must end in [T={space.horizon}, A={space.num_actions}], got {logits.shape}"
             )
-        logits = _mask_last_decision(space, logits)
+        logits = space.mask_logits(logits)
     batch = jnp.broadcast_shapes(logits.shape[:-2], tokens.shape[:-1])
     logits = jnp.broadcast_to(logits, (*batch, *logits.shape[-2:]))
     tokens = jnp.broadcast_to(tokens, (*batch, tokens.shape[-1]))
@@ -166,11 +166,11 @@ def path_rewards(logits, tokens, space: SequenceSpace | None = None) -> jax.Arra
     safe = jnp.where(in_range, tokens, 0)
     chosen = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     chosen = jnp.where(in_range, chosen, NEG_INF)
-    eos_id = -1 if space is None else (space.eos_id if space.eos else -1)
-    is_eos = tokens == eos_id
+    if space is None:
+        return _minus_continuation(chosen, next_values)
+    is_eos = tokens == (space.eos_id if space.eos else -1)
     rewards = _minus_continuation(chosen, jnp.where(is_eos, 0, next_values))
-    active = (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0
-    return jnp.where(active, rewards, 0)
+    return jnp.where(space.active(tokens), rewards, 0)
 
 
 def occupancy(lat: Lattice, r, prompt=None) -> jax.Array:
@@ -242,7 +242,7 @@ def _inverse_core(next_index, q):
 def _inverse(lat: Lattice, q: jax.Array) -> jax.Array:
     next_index = np.where(_eos_column(lat.space), lat.num_states, lat.delta)
     q = jnp.broadcast_to(q, (lat.space.horizon, *q.shape[-2:]))
-    q = _mask_last_decision(lat.space, q, table=True)
+    q = lat.space.mask_logits(q, table=True)
     return _inverse_core(jnp.asarray(next_index), q)
 
 
@@ -260,7 +260,7 @@ def _normalised(lat: Lattice, reference):
     if reference is None:
         return None
     full = jnp.broadcast_to(reference, (lat.space.horizon, *reference.shape[-2:]))
-    return log_softmax(_mask_last_decision(lat.space, full, table=True), -1)
+    return log_softmax(lat.space.mask_logits(full, table=True), -1)
 
 
 def _with_reference(lat: Lattice, table, reference):
@@ -282,18 +282,6 @@ def _residual(q, log_ref):
 
 def _eos_column(space: SequenceSpace) -> np.ndarray:
     return (np.arange(space.num_actions) == (space.eos_id if space.eos else -1))[None, :]
-
-
-def _mask_last_decision(space: SequenceSpace, logits: jax.Array, table: bool = False):
-    """−∞ on every non-EOS action at a variable-length space's last decision.
-
-    ``logits`` is ``[..., T, A]``, or a lattice table ``[T, S, A]`` when ``table``.
-    """
-    if not space.eos:
-        return logits
-    mask = space.action_mask()
-    allowed = jnp.broadcast_to(mask[:, None, :] if table else mask, logits.shape)
-    return jnp.where(allowed, logits, NEG_INF)
 
 
 def _prepare(lat: Lattice, table, reference, name: str = "r"):
@@ -327,7 +315,7 @@ def _check_no_reachable_dead_end(lat: Lattice, q: jax.Array, prompt) -> None:
         return
     space = lat.space
     full = jnp.broadcast_to(q, (space.horizon, *q.shape[-2:]))
-    full = np.asarray(_mask_last_decision(space, full, table=True))
+    full = np.asarray(space.mask_logits(full, table=True))
     reach = np.zeros(lat.num_states, dtype=bool)
     reach[np.asarray(lat.initial_state(prompt)).ravel()] = True
     continues = ~_eos_column(space)[0]

@@ -217,9 +217,7 @@ class Lattice:
             scores = table[states, safe]
         else:
             scores = table[jnp.arange(space.horizon), states, safe]
-        is_eos = safe == (space.eos_id if space.eos else -1)
-        active = (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0
-        return jnp.where(active, jnp.where(in_range, scores, -jnp.inf), 0)
+        return jnp.where(space.active(safe), jnp.where(in_range, scores, -jnp.inf), 0)
 
     def lift(self, table, factor: int):
         """A table ``[..., S_i, A]`` on factor ``i`` of a product, as a table on the product."""

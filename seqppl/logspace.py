@@ -38,8 +38,8 @@ def logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
     m = jnp.max(x, axis=axis, keepdims=True)
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
     total = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
-    positive = total > 0
-    out = jnp.where(positive, jnp.log(jnp.where(positive, total, 1)) + m, NEG_INF)
+    empty = total == 0  # every entry −∞; NaN and +∞ propagate
+    out = jnp.where(empty, NEG_INF, jnp.log(jnp.where(empty, 1, total)) + m)
     return jnp.squeeze(out, axis=axis)
 
 

@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["SequenceSpace", "MAX_ENUMERATE"]
@@ -80,6 +81,26 @@ class SequenceSpace:
         if self.eos:
             mask[-1, : self.vocab_size] = False
         return mask
+
+    def active(self, tokens) -> jax.Array:
+        """Positions that count, bool ``[..., T]``: up to and including the first EOS."""
+        tokens = jnp.asarray(tokens)
+        if not self.eos:
+            return jnp.ones(tokens.shape, bool)
+        is_eos = tokens == self.vocab_size
+        return (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0
+
+    def mask_logits(self, logits, table: bool = False) -> jax.Array:
+        """−∞ on every non-EOS action at a variable-length space's last decision.
+
+        ``logits`` is ``[..., T, A]``, or a lattice table ``[T, S, A]`` when ``table``.
+        """
+        logits = jnp.asarray(logits)
+        if not self.eos:
+            return logits
+        mask = self.action_mask()
+        allowed = jnp.broadcast_to(mask[:, None, :] if table else mask, logits.shape)
+        return jnp.where(allowed, logits, -jnp.inf)
 
     def enumerate(self, max_sequences: int = MAX_ENUMERATE) -> np.ndarray:
         """Every sequence of the space, int32 ``[N, T]``, ``N = num_sequences``.

@@ -77,3 +77,8 @@ def test_reduces_any_axis():
     expected = oracles.logsumexp_np(x, axis=0)
     np.testing.assert_allclose(sp.logsumexp(jnp.asarray(x), 0), expected, rtol=1e-12)
     np.testing.assert_allclose(sp.log_softmax(jnp.asarray(x), 0), x - expected[None], rtol=1e-12)
+
+
+def test_nan_and_pos_inf_propagate_instead_of_hiding():
+    out = sp.logsumexp(jnp.array([[np.nan, 0.0], [np.inf, 0.0]]), -1)
+    assert np.isnan(out[0]) and out[1] == np.inf

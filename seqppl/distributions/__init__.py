@@ -1,0 +1,8 @@
+"""ARM and EBM as NumPyro distributions over token sequences, and the exact conversions."""
+
+from seqppl.distributions.arm import ARM
+from seqppl.distributions.convert import to_arm, to_ebm
+from seqppl.distributions.ebm import EBM
+from seqppl.distributions.support import SequenceSupport
+
+__all__ = ["ARM", "EBM", "SequenceSupport", "to_arm", "to_ebm"]

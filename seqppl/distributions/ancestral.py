@@ -1,0 +1,49 @@
+"""Ancestral sampling in one ``lax.scan``: ``y_t ~ softmax(q_t)``, EOS forever after the first EOS.
+
+The model supplies ``next_logits(state, t) -> [*shape, A]`` and ``advance(state, token, t)``;
+the sampler applies the space's last-decision mask and returns the tokens and the per-step
+log-probabilities (0 after EOS), so that ``log p(y)`` needs no second pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqppl.logspace import log_softmax
+from seqppl.space import SequenceSpace
+
+__all__ = ["ancestral_sample"]
+
+
+def ancestral_sample(key, shape, space: SequenceSpace, state, next_logits, advance):
+    """Samples ``[*shape, T]`` tokens and their step log-probs ``[*shape, T]``.
+
+    Args:
+        key: a PRNG key.
+        shape: the batch of sequences drawn in parallel.
+        space: the ``SequenceSpace``.
+        state: the initial model state (any pytree).
+        next_logits: ``(state, t) -> float [*shape, A]``, the logits of decision ``t``.
+        advance: ``(state, token [*shape], t) -> state``.
+    """
+    T, A = space.horizon, space.num_actions
+    eos = space.eos_id if space.eos else -1
+    last_mask = jnp.asarray(space.action_mask()[-1])
+
+    def body(carry, inputs):
+        state, done = carry
+        t, step_key = inputs
+        logits = next_logits(state, t)
+        allowed = jnp.where(t == T - 1, last_mask, jnp.ones((A,), bool))
+        log_p = log_softmax(jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf))
+        token = jax.random.categorical(step_key, log_p, axis=-1).astype(jnp.int32)
+        token = jnp.where(done, eos, token)
+        step_log_p = jnp.take_along_axis(log_p, token[..., None], axis=-1)[..., 0]
+        step_log_p = jnp.where(done, jnp.zeros_like(step_log_p), step_log_p)
+        return (advance(state, token, t), done | (token == eos)), (token, step_log_p)
+
+    keys = jax.random.split(key, T)
+    done = jnp.zeros(shape, bool)
+    _, (tokens, log_ps) = jax.lax.scan(body, (state, done), (jnp.arange(T), keys))
+    return jnp.moveaxis(tokens, 0, -1), jnp.moveaxis(log_ps, 0, -1)

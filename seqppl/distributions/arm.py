@@ -1,0 +1,228 @@
+"""ARM: an autoregressive model as a NumPyro distribution over token sequences (THEORY.md §1).
+
+``p_q(y | x) = Π_{t ≤ τ} softmax(q(s_t, ·))[y_t]`` with logits from a lattice table or from any
+causal function ``tokens [..., T] -> logits [..., T, A]``. ``log_prob`` is one teacher-forced
+pass; ``sample`` is one ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+from numpyro.distributions import Distribution
+
+from seqppl.bellman import _check_no_reachable_dead_end, _check_table, occupancy
+from seqppl.distributions.ancestral import ancestral_sample
+from seqppl.distributions.support import SequenceSupport, enumerate_sequences
+from seqppl.lattice import Lattice
+from seqppl.logspace import log_softmax
+from seqppl.space import SequenceSpace
+
+__all__ = ["ARM"]
+
+
+class ARM(Distribution):
+    """Autoregressive sequence distribution; ``event_shape = (T,)``, batch shape from the prompt.
+
+    Args:
+        logits_fn: causal ``logits_fn(tokens [..., T]) -> [..., T, A]`` (entry t may read only
+            ``tokens[..., :t]`` and the prompt), called as ``logits_fn(params, tokens)`` when
+            ``params`` is given, with ``prompt=`` when the ARM has a prompt. If it also has
+            ``init(batch_shape, prompt) -> (logits [*batch, A], state)`` and
+            ``step(state, token) -> (logits, state)`` (``params`` first when given), sampling
+            uses that cached step instead of re-evaluating the growing buffer (O(T²)).
+        space: the ``SequenceSpace``.
+        prompt: optional int ``[*batch, P]``.
+        params: optional pytree of parameters (data: differentiable, traceable).
+        validate_args: NumPyro's flag; adds its out-of-support warning to ``log_prob``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from seqppl import SequenceSpace, Lattice
+        >>> space = SequenceSpace(vocab_size=2, length=2, eos=True)
+        >>> arm = ARM.from_table(Lattice.markov(space, 0), jnp.zeros((1, 3)))
+        >>> y = arm.sample(jax.random.key(0), (4,))
+        >>> y.shape, arm.log_prob(jnp.array([2, 2, 2])).round(4).item()
+        ((4, 3), -1.0986)
+    """
+
+    arg_constraints = {}
+    has_enumerate_support = False
+    pytree_data_fields = ("params", "prompt")
+    pytree_aux_fields = ("space", "lattice", "logits_fn")
+
+    def __init__(
+        self, logits_fn, space: SequenceSpace, prompt=None, *, params=None, validate_args=None
+    ):
+        if not callable(logits_fn):
+            raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
+        self._setup(space, None, logits_fn, params, prompt, validate_args)
+
+    @classmethod
+    def from_table(cls, lat: Lattice, q, prompt=None, *, validate_args=None) -> ARM:
+        """An ARM whose logits are a lattice table ``q`` ``[S, A]`` or ``[T, S, A]`` (its params).
+
+        Raises:
+            ValueError: bad shape, NaN/+∞, or a state reachable from ``prompt`` with no finite
+                allowed logit (not a distribution).
+        """
+        q = _check_table(lat, q, "q")
+        _check_no_reachable_dead_end(lat, q, prompt)
+        self = cls.__new__(cls)
+        self._setup(lat.space, lat, None, q, prompt, validate_args)
+        return self
+
+    def _setup(self, space, lattice, logits_fn, params, prompt, validate_args):
+        if not isinstance(space, SequenceSpace):
+            raise TypeError(f"space must be a SequenceSpace, got {type(space).__name__}")
+        if prompt is not None:
+            if not isinstance(prompt, jax.core.Tracer):
+                space.validate_prompt(prompt)
+            prompt = jnp.asarray(prompt, jnp.int32)
+        self.space, self.lattice, self.logits_fn = space, lattice, logits_fn
+        self.params, self.prompt = params, prompt
+        batch = () if prompt is None else tuple(prompt.shape[:-1])
+        super().__init__(batch, (space.horizon,), validate_args=validate_args)
+
+    @property
+    def support(self):
+        return SequenceSupport(self.space)
+
+    def with_params(self, params) -> ARM:
+        """The same ARM with new ``params`` (for a table ARM: a new table, unchecked)."""
+        new = copy.copy(self)
+        new.params = params
+        return new
+
+    # -- logits -----------------------------------------------------------------------------
+
+    def logits(self, tokens) -> jax.Array:
+        """Raw logits ``[..., T, A]`` of each decision along ``tokens [..., T]`` (no mask)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if self.lattice is not None:
+            table = self._full_table()
+            return table[jnp.arange(self.space.horizon), self.lattice.states(tokens, self.prompt)]
+        return self._call(self.logits_fn, tokens)
+
+    def log_policy_table(self) -> jax.Array:
+        """Table ARMs: ``log π[t, s, a]`` ``[T, S, A]`` (last-decision mask applied)."""
+        if self.lattice is None:
+            raise ValueError("log_policy_table needs a table ARM (ARM.from_table)")
+        return log_softmax(self.space.mask_logits(self._full_table(), table=True), -1)
+
+    def _full_table(self):
+        q = jnp.asarray(self.params)
+        return jnp.broadcast_to(q, (self.space.horizon, *q.shape[-2:]))
+
+    def _call(self, fn, *args):
+        args = args if self.params is None else (self.params, *args)
+        return fn(*args) if self.prompt is None else fn(*args, prompt=self.prompt)
+
+    # -- Distribution API -------------------------------------------------------------------
+
+    def log_prob(self, value, intermediates=None):
+        """``log p_q(y)`` ``[...]``; −∞ outside the support (never NaN, never raises).
+
+        With ``intermediates`` (the step log-probs from ``sample_with_intermediates``) it is
+        their sum, with no second pass.
+        """
+        if intermediates:
+            return jnp.sum(intermediates[0], -1)
+        value = jnp.asarray(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        if value.ndim == 0 or value.shape[-1] != self.space.horizon:
+            return jnp.full(value.shape[:-1], -jnp.inf)
+        ok = self.support(value)
+        safe = jnp.where(ok[..., None], value, self.support.feasible_like(value)).astype(jnp.int32)
+        if self.lattice is not None:
+            log_p = self.lattice.path_scores(self.log_policy_table(), safe, self.prompt).sum(-1)
+        else:
+            log_p = _sequence_log_prob(self.logits(safe), safe, self.space)
+        return jnp.where(ok, log_p, -jnp.inf)
+
+    def sample_with_intermediates(self, key, sample_shape=()):
+        """``(tokens [*sample, *batch, T], [step log-probs [*sample, *batch, T]])``."""
+        shape = tuple(sample_shape) + self.batch_shape
+        if self.lattice is not None:
+            table = self.log_policy_table()
+            delta = jnp.asarray(self.lattice.delta)
+            start = jnp.broadcast_to(self.lattice.initial_state(self.prompt), shape)
+            tokens, log_ps = ancestral_sample(
+                key,
+                shape,
+                self.space,
+                start,
+                lambda s, t: table[t][s],
+                lambda s, token, t: delta[s, token],
+            )
+        elif hasattr(self.logits_fn, "init") and hasattr(self.logits_fn, "step"):
+            first = self._call(self.logits_fn.init, shape)
+            tokens, log_ps = ancestral_sample(
+                key,
+                shape,
+                self.space,
+                first,
+                lambda c, t: c[0],
+                lambda c, token, t: self._call_step(c[1], token),
+            )
+        else:
+            buffer = jnp.full((*shape, self.space.horizon), self.support.feasible_like(0))
+            tokens, log_ps = ancestral_sample(
+                key,
+                shape,
+                self.space,
+                buffer,
+                lambda b, t: jnp.take(self.logits(b), t, axis=-2),
+                lambda b, token, t: b.at[..., t].set(token),
+            )
+        return tokens, [log_ps]
+
+    def _call_step(self, state, token):
+        step = self.logits_fn.step
+        return step(state, token) if self.params is None else step(self.params, state, token)
+
+    def sample(self, key, sample_shape=()):
+        """Ancestral samples ``[*sample_shape, *batch_shape, T]`` (EOS-padded)."""
+        return self.sample_with_intermediates(key, sample_shape)[0]
+
+    def enumerate_support(self, expand=True):
+        """Every sequence ``[N, *batch, T]`` (``[N, 1.., T]`` unexpanded); small spaces only."""
+        return enumerate_sequences(self.space, self.batch_shape, expand)
+
+    def entropy(self):
+        """Exact ``H(p_q) = −Σ_{t,s,a} μ_t(s, a) log π_t(a|s)`` for table ARMs, ``[*batch]``.
+
+        ``μ`` is the occupancy (THEORY §2) of the normalised table. Callable ARMs: estimate it
+        as ``−mean(log_prob(samples))``.
+        """
+        if self.lattice is None:
+            raise ValueError(
+                "entropy() is exact for table ARMs; for a callable ARM use "
+                "-arm.log_prob(arm.sample(key, (n,))).mean()"
+            )
+        table = self.log_policy_table()
+
+        def one(prompt):
+            mu = occupancy(self.lattice, table, prompt)
+            return -jnp.sum(jnp.where(mu > 0, mu * jnp.where(mu > 0, table, 0), 0))
+
+        if self.prompt is None:
+            return one(None)
+        flat = self.prompt.reshape(-1, self.prompt.shape[-1])
+        return jax.vmap(one)(flat).reshape(self.batch_shape)
+
+    def tilt(self, reward, scale=1.0):
+        """The EBM ``p ∝ p_arm · exp(scale · R)``; ``reward`` an EBM or ``reward_fn(tokens)``."""
+        from seqppl.distributions.ebm import EBM
+
+        return EBM._tilt(self, reward, scale)
+
+
+def _sequence_log_prob(logits, tokens, space: SequenceSpace) -> jax.Array:
+    """``Σ_{t ≤ τ} log softmax(q_t)[y_t]`` ``[...]`` from logits ``[..., T, A]`` (mask applied)."""
+    log_p = log_softmax(space.mask_logits(logits), -1)
+    chosen = jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(space.active(tokens), chosen, 0), -1)

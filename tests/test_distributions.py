@@ -1,0 +1,236 @@
+"""ARM and EBM: normalisation, sampling (χ²), shapes, pytrees, conversions, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+from numpyro.infer.util import log_density
+from scipy import stats
+from seqppl.models.tasks import digit_sum_task
+
+import seqppl as sp
+
+from . import oracles
+
+SPACES = [sp.SequenceSpace(3, 3, eos=True), sp.SequenceSpace(2, 4, eos=False)]
+CHI2_ALPHA = 1e-3  # false-alarm rate of each goodness-of-fit test (fixed seeds: reproducible)
+
+
+def _gru_like_logits(tokens, prompt=None):
+    """A causal non-table logits function: a running sum of embeddings (reads y[:t] only)."""
+    num_actions = 4
+    emb = jnp.sin(jnp.arange(num_actions * num_actions, dtype=float).reshape(num_actions, -1))
+    shifted = jnp.concatenate([jnp.zeros_like(tokens[..., :1]), tokens[..., :-1] + 1], axis=-1)
+    h = jnp.cumsum(emb[jnp.clip(shifted, 0, num_actions - 1)], axis=-2)
+    return 2.0 * jnp.tanh(h)
+
+
+def _distributions(space):
+    """Lattice ARM, callable ARM, lattice EBM, callable EBM and composites over ``space``."""
+    rng = np.random.default_rng(0)
+    lat = sp.Lattice.markov(space, 1)
+    q = rng.standard_normal((space.horizon, lat.num_states, space.num_actions))
+    arm = sp.ARM.from_table(lat, q)
+    parity = sp.Lattice.automaton(
+        space,
+        [[0, 1] * 2][0][: space.vocab_size]
+        and np.array([[(s + a) % 2 for a in range(space.vocab_size)] for s in range(2)]),
+    )
+    out = {
+        "arm_table": arm,
+        "ebm_table": sp.EBM.from_table(
+            lat, 2 * rng.standard_normal((lat.num_states, space.num_actions))
+        ),
+        "ebm_fn": sp.EBM(lambda y: -0.7 * (y == 1).sum(-1).astype(float), space),
+        "tilt_fn": arm.tilt(lambda y: (y == 0).sum(-1).astype(float), scale=0.8),
+        "tilt_constrained": arm.tilt(
+            sp.EBM.from_table(lat, jnp.zeros((lat.num_states, space.num_actions)))
+        ).constrain(parity, [0]),
+        "product_tempered": (
+            sp.to_ebm(arm) * sp.EBM(lambda y: 0.3 * y.sum(-1).astype(float), space)
+        ).tempered(0.5),
+    }
+    if space.num_actions == 4:
+        out["arm_callable"] = sp.ARM(_gru_like_logits, space)
+    return out
+
+
+CASES = [(i, name) for i, s in enumerate(SPACES) for name in _distributions(s)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"space{c[0]}-{c[1]}")
+def test_normalised_and_samples_match_probabilities(case):
+    space = SPACES[case[0]]
+    d = _distributions(space)[case[1]]
+    seqs = jnp.asarray(space.enumerate())
+    log_p = np.asarray(d.log_prob(seqs), np.float64)
+    assert not np.isnan(log_p).any()
+    assert abs(oracles.logsumexp_np(log_p)) <= 1e-9, "probabilities must sum to 1"
+    n = 4000
+    y = np.asarray(d.sample(jax.random.key(7), (n,)))
+    assert y.shape == (n, space.horizon)
+    space.validate(y)
+    index = {tuple(s): i for i, s in enumerate(np.asarray(seqs))}
+    counts = np.bincount([index[tuple(row)] for row in y], minlength=len(seqs))
+    p = np.exp(log_p)
+    assert counts[p == 0].sum() == 0, "sampled a sequence of probability 0"
+    keep = p > 0
+    expected = n * p[keep]
+    c = counts[keep]
+    # pool the cells expected below 5 draws into one, so that the χ² approximation holds
+    small = expected < 5
+    e = np.append(expected[~small], expected[small].sum())
+    c = np.append(c[~small], c[small].sum())
+    e, c = e[e > 0], c[e > 0]
+    chi2 = ((c - e) ** 2 / e).sum()
+    assert stats.chi2.sf(chi2, max(len(e) - 1, 1)) > CHI2_ALPHA
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"space{c[0]}-{c[1]}")
+def test_numpyro_log_density_is_the_same_for_both_forms(case):
+    space = SPACES[case[0]]
+    d = _distributions(space)[case[1]]
+    twin = sp.to_ebm(d) if isinstance(d, sp.ARM) else sp.to_arm(d)
+    y = jnp.asarray(space.enumerate())
+
+    def model(site):
+        numpyro.sample("y", site, obs=y)
+
+    a, _ = log_density(model, (d,), {}, {})
+    b, _ = log_density(model, (twin,), {}, {})
+    assert np.isfinite(a) or np.isneginf(a)
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-9)
+    lp_a, lp_b = np.asarray(d.log_prob(y)), np.asarray(twin.log_prob(y))
+    assert np.array_equal(np.isneginf(lp_a), np.isneginf(lp_b))
+    finite = np.isfinite(lp_a)
+    np.testing.assert_allclose(lp_a[finite], lp_b[finite], atol=1e-9)
+
+
+def test_shapes_prompts_expand_and_intermediates():
+    space = sp.SequenceSpace(3, 3, eos=True)
+    lat = sp.Lattice.markov(space, 2)
+    q = np.random.default_rng(1).standard_normal((lat.num_states, space.num_actions))
+    prompts = np.array([[0, 1], [2, 2]])
+    arm = sp.ARM.from_table(lat, q, prompt=prompts)
+    assert arm.batch_shape == (2,) and arm.event_shape == (space.horizon,)
+    for shape in [(), (2,), (2, 3)]:
+        y = arm.sample(jax.random.key(0), shape)
+        assert y.shape == (*shape, 2, space.horizon)
+        assert arm.log_prob(y).shape == (*shape, 2)
+    y, (steps,) = arm.sample_with_intermediates(jax.random.key(3), (5,))
+    np.testing.assert_allclose(steps.sum(-1), arm.log_prob(y), rtol=1e-10, atol=1e-10)
+    for i in range(2):  # each batch element against the unbatched ARM
+        single = sp.ARM.from_table(lat, q, prompt=prompts[i])
+        np.testing.assert_allclose(arm.log_prob(y)[:, i], single.log_prob(y[:, i]), rtol=1e-12)
+    expanded = arm.expand((4, 2))
+    assert expanded.sample(jax.random.key(1)).shape == (4, 2, space.horizon)
+    assert arm.enumerate_support().shape == (space.num_sequences, 2, space.horizon)
+    ebm = sp.to_ebm(arm)
+    assert ebm.batch_shape == (2,) and ebm.log_partition().shape == (2,)
+    assert ebm.sample(jax.random.key(2), (3,)).shape == (3, 2, space.horizon)
+    np.testing.assert_allclose(
+        arm.entropy(),
+        [
+            -(
+                np.exp(arm.log_prob(arm.enumerate_support()))
+                * np.nan_to_num(arm.log_prob(arm.enumerate_support()), neginf=0)
+            ).sum(0)[i]
+            for i in range(2)
+        ],
+        rtol=1e-9,
+    )
+
+
+def test_jit_and_vmap_over_distribution_objects():
+    space = sp.SequenceSpace(3, 3, eos=True)
+    task = digit_sum_task(space, 3)
+    ebm = sp.EBM.from_table(task.lattice, task.rewards)
+    y = jnp.asarray(space.enumerate())
+    lp = jax.jit(lambda d, v: d.log_prob(v))(ebm, y)
+    np.testing.assert_allclose(lp, ebm.log_prob(y))
+    arm = sp.to_arm(ebm)
+    leaves, tree = jax.tree.flatten(arm)
+    rebuilt = jax.tree.unflatten(tree, leaves)
+    np.testing.assert_allclose(rebuilt.log_prob(y), arm.log_prob(y))
+    tables = jnp.stack([arm.params, arm.params + 1.0])
+    batched = jax.vmap(lambda t: arm.with_params(t).log_prob(y))(tables)
+    np.testing.assert_allclose(batched[0], batched[1], atol=1e-10)  # shift-invariant logits
+    scales = jnp.array([0.5, 1.0, 2.0])
+    bigram = sp.ARM.from_table(sp.Lattice.markov(space, 1), task.bigram_logits)
+    reward = sp.EBM(lambda v: (v == 0).sum(-1).astype(float), space)
+    log_z = jax.vmap(lambda b: bigram.tilt(reward, b).log_partition())(scales)
+    grad = jax.grad(lambda b: bigram.tilt(reward, b).log_partition())(1.0)
+    tilted = bigram.tilt(reward, 1.0)
+    p = np.exp(tilted.log_prob(y))
+    np.testing.assert_allclose(
+        grad, (p * np.asarray(reward.unnormalized_log_prob(y))).sum(), rtol=1e-8
+    )
+    assert log_z.shape == (3,) and np.all(np.diff(log_z) > 0)
+
+
+def test_out_of_support_scores_neg_inf_and_warns_with_validate_args():
+    space = sp.SequenceSpace(3, 2, eos=True)
+    lat = sp.Lattice.markov(space, 1)
+    q = jnp.zeros((lat.num_states, space.num_actions))
+    bad = jnp.array([[0, 7, 3], [3, 1, 3], [0, 1, 2], [0, 3, 3]])
+    quiet = {"validate_args": False}  # NumPyro validates by default; the warning is tested below
+    for d in [
+        sp.ARM.from_table(lat, q, **quiet),
+        sp.ARM(lambda y: jnp.zeros(y.shape + (4,)), space, **quiet),
+        sp.EBM.from_table(lat, q, **quiet),
+        sp.EBM(lambda y: jnp.zeros(y.shape[:-1]), space, **quiet),
+    ]:
+        lp = np.asarray(d.log_prob(bad))
+        assert np.isneginf(lp[:3]).all() and np.isfinite(lp[3])
+        assert np.isneginf(d.log_prob(jnp.array([0, 3]))).all()  # wrong length
+    with pytest.warns(UserWarning, match="Out-of-support"):
+        sp.ARM.from_table(lat, q, validate_args=True).log_prob(bad)
+
+
+def test_bad_input_is_refused():
+    space = sp.SequenceSpace(3, 2, eos=True)
+    lat = sp.Lattice.markov(space, 1)
+    with pytest.raises(ValueError, match=r"prompt\[1\] = 3"):
+        sp.ARM.from_table(lat, jnp.zeros((4, 4)), prompt=[0, 3])
+    with pytest.raises(ValueError, match=r"q\[0, 1\] = nan"):
+        sp.ARM.from_table(lat, jnp.zeros((4, 4)).at[0, 1].set(jnp.nan))
+    with pytest.raises(ValueError, match="no finite logit"):
+        sp.ARM.from_table(lat, jnp.zeros((4, 4)).at[:, :].set(-jnp.inf))
+    with pytest.raises(ValueError, match="NaN or"):
+        sp.EBM(lambda y: jnp.full(y.shape[:-1], jnp.nan), space).log_partition()
+    with pytest.raises(ValueError, match="NaN or"):
+        sp.EBM(lambda y: jnp.full(y.shape[:-1], jnp.inf), space).unnormalized_log_prob(
+            jnp.array([3, 3, 3])
+        )
+    with pytest.raises(ValueError, match="must return shape"):
+        sp.EBM(lambda y: jnp.zeros(y.shape), space).unnormalized_log_prob(jnp.array([3, 3, 3]))
+    with pytest.raises(TypeError, match="logits_fn must be callable"):
+        sp.ARM(3, space)
+    with pytest.raises(ValueError, match="is over"):
+        sp.EBM.from_table(lat, jnp.zeros((4, 4))) * sp.EBM(
+            lambda y: y.sum(-1), sp.SequenceSpace(2, 2)
+        )
+    big = sp.SequenceSpace(50, 20)
+    huge = sp.EBM(lambda y: jnp.zeros(y.shape[:-1]), big)
+    with pytest.raises(ValueError, match=r"sp.log_partition\(ebm, method='is' or 'smc'"):
+        huge.log_partition()
+    with pytest.raises(ValueError, match="sp.distill"):
+        sp.to_arm(huge)
+    with pytest.raises(ValueError, match="approximate samplers|sp.distill"):
+        huge.sample(jax.random.key(0))
+    estimated = huge.with_log_partition(3.5)
+    assert estimated.log_partition_source == "estimate" and float(estimated.log_partition()) == 3.5
+
+
+def test_latent_sequence_site_under_nuts_fails_with_numpyros_error():
+    space = sp.SequenceSpace(2, 2)
+    arm = sp.ARM.from_table(sp.Lattice.markov(space, 0), jnp.zeros((1, 2)))
+
+    def model():
+        numpyro.sample("y", arm)
+
+    kernel = numpyro.infer.NUTS(model)
+    mcmc = numpyro.infer.MCMC(kernel, num_warmup=2, num_samples=2, progress_bar=False)
+    with pytest.raises(Exception, match="enumerate support|continuous"):
+        mcmc.run(jax.random.key(0))
