@@ -127,7 +127,8 @@ def path_rewards(logits, tokens, space: SequenceSpace | None = None) -> jax.Arra
     Works for any logits, tabular or neural, in O(T·A): ``Σ_t r_t = log p_q(y) + V_q(x)`` with
     ``V_q(x) = logsumexp q_0``. With ``space``, its EOS rules apply: only EOS at the last decision
     of a variable-length space, and positions after the first EOS contribute 0. Without it the
-    space is fixed-length with ``A = logits.shape[-1]``. Ids outside ``[0, A)`` score −∞.
+    space is fixed-length with ``A = logits.shape[-1]``. Ids outside ``[0, A)``, and non-EOS
+    tokens after EOS, score −∞.
 
     Args:
         logits: float ``[..., T, A]``, causal (entry t scores the action after ``y[:t]``).
@@ -170,7 +171,7 @@ def path_rewards(logits, tokens, space: SequenceSpace | None = None) -> jax.Arra
         return _minus_continuation(chosen, next_values)
     is_eos = tokens == (space.eos_id if space.eos else -1)
     rewards = _minus_continuation(chosen, jnp.where(is_eos, 0, next_values))
-    return jnp.where(space.active(tokens), rewards, 0)
+    return space.after_eos(tokens, rewards)
 
 
 def occupancy(lat: Lattice, r, prompt=None) -> jax.Array:
@@ -311,7 +312,7 @@ def _check_table(lat: Lattice, table, name: str) -> jax.Array:
 
 def _check_no_reachable_dead_end(lat: Lattice, q: jax.Array, prompt) -> None:
     """Refuses logits where a state reachable from ``prompt`` has no finite allowed action."""
-    if isinstance(q, jax.core.Tracer):
+    if isinstance(q, jax.core.Tracer) or isinstance(prompt, jax.core.Tracer):
         return
     space = lat.space
     full = jnp.broadcast_to(q, (space.horizon, *q.shape[-2:]))

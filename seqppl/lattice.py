@@ -83,7 +83,10 @@ class Lattice:
             ValueError: if ``S·A > MAX_PREFIX_TREE_CELLS``.
         """
         V, T, A = space.vocab_size, space.horizon, space.num_actions
-        sizes = [V**d for d in range(T)]
+        if T > MAX_PREFIX_TREE_CELLS or (V > 1 and (T - 1) * np.log2(V) > 24):
+            sizes = [MAX_PREFIX_TREE_CELLS]  # too large: refuse without building big ints
+        else:
+            sizes = [V**d for d in range(T)]
         if sum(sizes) * A > MAX_PREFIX_TREE_CELLS:
             raise ValueError(
                 f"a prefix tree over V={V}, T={T} has {sum(sizes)} states x {A} actions, more "
@@ -109,6 +112,11 @@ class Lattice:
         if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 0:
             raise ValueError(f"order must be an int >= 0, got {order!r}")
         base, V = space.vocab_size + 1, space.vocab_size
+        if order * np.log2(base) + np.log2(space.num_actions) > 30:
+            raise ValueError(
+                f"markov order {order} over V={V} has {base}^{order} states x "
+                f"{space.num_actions} actions: more than 2^30 cells"
+            )
         num_states = base**order
         states = np.arange(num_states, dtype=np.int64)[:, None]
         delta = np.tile(states, (1, space.num_actions))
@@ -187,11 +195,15 @@ class Lattice:
         ``s_{t+1} = δ(s_t, y_t)``; after EOS the state stays put (those positions carry no reward).
 
         Args:
-            tokens: int ``[..., T]``.
+            tokens: int ``[..., T]``; ids outside ``[0, A)`` are read as 0 here (callers that
+                score paths give them −∞).
             prompt: optional int ``[..., P]`` (broadcast against the batch of ``tokens``).
         """
-        tokens = jnp.asarray(tokens, jnp.int32)
-        start = jnp.broadcast_to(self.initial_state(prompt), tokens.shape[:-1])
+        tokens = _token_array(tokens, self.space)
+        start = self.initial_state(prompt)
+        batch = jnp.broadcast_shapes(start.shape, tokens.shape[:-1])
+        start = jnp.broadcast_to(start, batch)
+        tokens = jnp.broadcast_to(tokens, (*batch, tokens.shape[-1]))
         return _run(jnp.asarray(self.delta), start, tokens)[0]
 
     # -- tables -------------------------------------------------------------------------------
@@ -209,15 +221,19 @@ class Lattice:
         """
         space = self.space
         table = jnp.asarray(table)
-        tokens = jnp.asarray(tokens, jnp.int32)
-        in_range = (tokens >= 0) & (tokens < space.num_actions)
-        safe = jnp.where(in_range, tokens, 0)
+        if table.shape[-2:] != (self.num_states, space.num_actions) or table.ndim not in (2, 3):
+            raise ValueError(
+                f"table must have shape [{self.num_states}, {space.num_actions}] or "
+                f"[{space.horizon}, {self.num_states}, {space.num_actions}], got {table.shape}"
+            )
+        tokens = _token_array(tokens, space)
+        safe = jnp.where((tokens >= 0) & (tokens < space.num_actions), tokens, 0)
         states = self.states(safe, prompt)
         if table.ndim == 2:
             scores = table[states, safe]
         else:
             scores = table[jnp.arange(space.horizon), states, safe]
-        return jnp.where(space.active(safe), jnp.where(in_range, scores, -jnp.inf), 0)
+        return space.after_eos(tokens, scores)
 
     def lift(self, table, factor: int):
         """A table ``[..., S_i, A]`` on factor ``i`` of a product, as a table on the product."""
@@ -272,6 +288,16 @@ def _as_delta(delta: np.ndarray) -> np.ndarray:
     out = np.ascontiguousarray(delta, dtype=np.int32)
     out.setflags(write=False)
     return out
+
+
+def _token_array(tokens, space: SequenceSpace) -> jax.Array:
+    """Tokens as int32 ``[..., T]``; ValueError for a non-integer dtype or another length."""
+    tokens = jnp.asarray(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
+    if tokens.ndim == 0 or tokens.shape[-1] != space.horizon:
+        raise ValueError(f"tokens must have last dimension T={space.horizon}, got {tokens.shape}")
+    return tokens.astype(jnp.int32)
 
 
 def _run(delta: jax.Array, start: jax.Array, tokens: jax.Array):

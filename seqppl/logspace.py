@@ -48,13 +48,13 @@ def _logsumexp_jvp(axis, primals, tangents):
     (x,), (dx,) = primals, tangents
     out = logsumexp(x, axis)
     weights = _softmax_from(x, jnp.expand_dims(out, axis))
-    return out, jnp.sum(weights * jnp.where(weights > 0, dx, 0), axis=axis)
+    return out, jnp.sum(weights * jnp.where(weights == 0, 0, dx), axis=axis)
 
 
 def _softmax_from(x: jax.Array, lse: jax.Array) -> jax.Array:
-    """``exp(x - lse)`` with 0 wherever ``lse = −∞`` (an all −∞ row)."""
-    finite = jnp.isfinite(lse)
-    return jnp.exp(jnp.where(finite, x - jnp.where(finite, lse, 0), NEG_INF))
+    """``exp(x - lse)`` with 0 wherever ``lse = −∞`` (an all −∞ row); NaN propagates."""
+    empty = lse == NEG_INF
+    return jnp.exp(jnp.where(empty, NEG_INF, x - jnp.where(empty, 0, lse)))
 
 
 def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:

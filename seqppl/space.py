@@ -90,6 +90,18 @@ class SequenceSpace:
         is_eos = tokens == self.vocab_size
         return (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0
 
+    def after_eos(self, tokens, scores) -> jax.Array:
+        """Per-position ``scores [..., T]`` with the EOS padding rule applied.
+
+        Positions after the first EOS become 0 if they hold EOS and −∞ otherwise; ids outside
+        ``[0, A)`` become −∞ wherever they are.
+        """
+        tokens = jnp.asarray(tokens)
+        in_range = (tokens >= 0) & (tokens < self.num_actions)
+        active = self.active(tokens)
+        padding_ok = active | (tokens == (self.eos_id if self.eos else -1))
+        return jnp.where(in_range & padding_ok, jnp.where(active, scores, 0), -jnp.inf)
+
     def mask_logits(self, logits, table: bool = False) -> jax.Array:
         """−∞ on every non-EOS action at a variable-length space's last decision.
 

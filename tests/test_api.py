@@ -21,6 +21,10 @@ DESIGN_NAMES = [
     "soft_values",
     "inverse_soft_bellman",
     "path_rewards",
+    "ARM",
+    "EBM",
+    "to_arm",
+    "to_ebm",
 ]
 MODULES = sorted(
     {f"seqppl.{m.name}" for m in pkgutil.iter_modules(sp.__path__) if m.name != "__main__"}

@@ -285,3 +285,35 @@ def test_every_lattice_kind_and_mode_against_the_oracle(kind, eos, prompt):
     assert_close(back, rewards, tol, "M⁻¹∘M")
     occ = sp.occupancy(lat, jnp.asarray(r), prompt=prompt)
     assert_close(occ, oracles.occupancy(r, lat, prompt), tol, "occupancy")
+
+
+def test_review_regressions_padding_vmap_nan_and_shapes():
+    space = sp.SequenceSpace(2, 2, eos=True)
+    lat = sp.Lattice.markov(space, 1)
+    zeros = jnp.zeros((3, 3))
+    # a non-EOS token after EOS, or an id outside [0, A), is out of the support: −∞
+    assert np.isneginf(lat.path_scores(zeros, jnp.array([2, 7, 2])).sum())
+    assert np.isneginf(sp.path_rewards(zeros, jnp.array([2, 0, 2]), space).sum())
+    assert lat.path_scores(zeros, jnp.array([2, 2, 2])).sum() == 0
+    # vmap over prompts with a concrete table
+    q = np.zeros((3, 3, 3))
+    out = jax.vmap(lambda x: sp.inverse_soft_bellman(lat, q, prompt=x))(jnp.array([[1], [0]]))
+    assert out.shape == (2, 3, 3, 3) and not np.isnan(out).any()
+    # a NaN smuggled past validation (traced) shows up as NaN, in values and gradients
+    fixed = sp.Lattice.markov(sp.SequenceSpace(2, 2), 1)
+    bad = jnp.zeros((3, 2)).at[fixed.initial, 0].set(jnp.nan)
+    log_z = jax.jit(lambda t: sp.soft_values(fixed, t)[0, fixed.initial])
+    assert np.isnan(log_z(bad)) and np.isnan(jax.grad(log_z)(bad)).any()
+    # shapes and sizes are refused with a message, not clamped or crashed
+    with pytest.raises(ValueError, match="table must have shape"):
+        lat.path_scores(jnp.zeros((4, 3)), jnp.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="integer dtype"):
+        lat.states(np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="last dimension T=3"):
+        lat.states(np.array([0, 1]))
+    with pytest.raises(ValueError, match="more than 2\\^30 cells"):
+        sp.Lattice.markov(sp.SequenceSpace(4, 3), 14)
+    with pytest.raises(ValueError, match="MAX_PREFIX_TREE_CELLS"):
+        sp.Lattice.prefix_tree(sp.SequenceSpace(2, 30000))
+    states = lat.states(np.array([0, 1, 2]), prompt=np.array([[0], [1]]))
+    np.testing.assert_array_equal(states, [[0, 0, 1], [1, 0, 1]])

@@ -234,3 +234,32 @@ def test_latent_sequence_site_under_nuts_fails_with_numpyros_error():
     mcmc = numpyro.infer.MCMC(kernel, num_warmup=2, num_samples=2, progress_bar=False)
     with pytest.raises(Exception, match="enumerate support|continuous"):
         mcmc.run(jax.random.key(0))
+
+
+class _CachedGruLike:
+    """The same model as ``_gru_like_logits`` with the cached-step protocol (O(T) sampling)."""
+
+    def __call__(self, tokens, prompt=None):
+        return _gru_like_logits(tokens)
+
+    def _emb(self):
+        return jnp.sin(jnp.arange(16, dtype=float).reshape(4, 4))
+
+    def init(self, batch_shape, prompt=None):
+        h = jnp.broadcast_to(self._emb()[0], (*batch_shape, 4))
+        return 2.0 * jnp.tanh(h), h
+
+    def step(self, h, token):
+        h = h + self._emb()[jnp.clip(token + 1, 0, 3)]
+        return 2.0 * jnp.tanh(h), h
+
+
+def test_cached_step_protocol_samples_like_reevaluation():
+    space = SPACES[0]
+    cached = sp.ARM(_CachedGruLike(), space)
+    plain = sp.ARM(_gru_like_logits, space)
+    y_c, (lp_c,) = cached.sample_with_intermediates(jax.random.key(11), (64,))
+    y_p, (lp_p,) = plain.sample_with_intermediates(jax.random.key(11), (64,))
+    np.testing.assert_array_equal(y_c, y_p)
+    np.testing.assert_allclose(lp_c, lp_p, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lp_c.sum(-1), plain.log_prob(y_c), rtol=1e-10, atol=1e-12)

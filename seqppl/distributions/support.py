@@ -42,13 +42,16 @@ class SequenceSupport(constraints.Constraint):
         return ok
 
     def feasible_like(self, prototype):
+        """An always-valid sequence array (all EOS, or all 0) shaped like ``prototype``."""
         fill = self.space.eos_id if self.space.eos else 0
         return jnp.full(jnp.shape(prototype), fill, jnp.int32)
 
     def tree_flatten(self):
+        """No array leaves: the space is static."""
         return (), ((), {"space": self.space})
 
     def eq(self, other, static: bool = False):
+        """Equal when the other support is over the same space."""
         return isinstance(other, SequenceSupport) and other.space == self.space
 
     def __repr__(self) -> str:
