@@ -15,7 +15,7 @@ from numpyro.distributions import Distribution
 
 from seqppl.bellman import _check_no_reachable_dead_end, _check_table, occupancy
 from seqppl.distributions.ancestral import ancestral_sample
-from seqppl.distributions.support import SequenceSupport, enumerate_sequences
+from seqppl.distributions.support import SequenceSupport, checked_prompt, enumerate_sequences
 from seqppl.lattice import Lattice
 from seqppl.logspace import log_softmax
 from seqppl.space import SequenceSpace
@@ -75,12 +75,7 @@ class ARM(Distribution):
         return self
 
     def _setup(self, space, lattice, logits_fn, params, prompt, validate_args):
-        if not isinstance(space, SequenceSpace):
-            raise TypeError(f"space must be a SequenceSpace, got {type(space).__name__}")
-        if prompt is not None:
-            if not isinstance(prompt, jax.core.Tracer):
-                space.validate_prompt(prompt)
-            prompt = jnp.asarray(prompt, jnp.int32)
+        prompt = checked_prompt(space, prompt)
         self.space, self.lattice, self.logits_fn = space, lattice, logits_fn
         self.params, self.prompt = params, prompt
         batch = () if prompt is None else tuple(prompt.shape[:-1])

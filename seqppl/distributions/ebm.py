@@ -17,7 +17,7 @@ from numpyro.distributions import Distribution
 
 from seqppl.bellman import _check_table, path_rewards, soft_values
 from seqppl.distributions.arm import ARM
-from seqppl.distributions.support import SequenceSupport, enumerate_sequences
+from seqppl.distributions.support import SequenceSupport, checked_prompt, enumerate_sequences
 from seqppl.lattice import Lattice
 from seqppl.logspace import logsumexp
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
@@ -75,12 +75,7 @@ class EBM(Distribution):
         return self
 
     def _setup(self, space, prompt, parts, validate_args, log_z=None, source="exact"):
-        if not isinstance(space, SequenceSpace):
-            raise TypeError(f"space must be a SequenceSpace, got {type(space).__name__}")
-        if prompt is not None:
-            if not isinstance(prompt, jax.core.Tracer):
-                space.validate_prompt(prompt)
-            prompt = jnp.asarray(prompt, jnp.int32)
+        prompt = checked_prompt(space, prompt)
         self.space, self.prompt = space, prompt
         self.kinds = tuple(p[0] for p in parts)
         self.scales = tuple(p[1] for p in parts)

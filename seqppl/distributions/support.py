@@ -6,12 +6,13 @@ set and, with EOS, every entry after the first EOS is EOS and the last entry is 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from numpyro.distributions import constraints
 
 from seqppl.space import SequenceSpace
 
-__all__ = ["SequenceSupport", "enumerate_sequences"]
+__all__ = ["SequenceSupport", "checked_prompt", "enumerate_sequences"]
 
 
 class SequenceSupport(constraints.Constraint):
@@ -64,3 +65,19 @@ def enumerate_sequences(space: SequenceSpace, batch_shape=(), expand: bool = Tru
     shape = (seqs.shape[0],) + (1,) * len(batch_shape) + (space.horizon,)
     seqs = seqs.reshape(shape)
     return jnp.broadcast_to(seqs, (shape[0], *batch_shape, shape[-1])) if expand else seqs
+
+
+def checked_prompt(space: SequenceSpace, prompt):
+    """A distribution's prompt as int32 ``[*batch, P]`` (validated when concrete), or None.
+
+    Raises:
+        TypeError: ``space`` is not a ``SequenceSpace``.
+        ValueError: the prompt holds ids outside the vocabulary.
+    """
+    if not isinstance(space, SequenceSpace):
+        raise TypeError(f"space must be a SequenceSpace, got {type(space).__name__}")
+    if prompt is None:
+        return None
+    if not isinstance(prompt, jax.core.Tracer):
+        space.validate_prompt(prompt)
+    return jnp.asarray(prompt, jnp.int32)
