@@ -5,7 +5,7 @@ computed exactly by dynamic programming on finite-state lattices.
 """
 
 from seqppl.bellman import inverse_soft_bellman, occupancy, path_rewards, soft_bellman, soft_values
-from seqppl.distributions import ARM, EBM, SequenceSupport, to_arm, to_ebm
+from seqppl.distributions import ARM, EBM, SequenceSupport, nnx_arm, to_arm, to_ebm
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 from seqppl.logspace import log_softmax, logsumexp, softmax
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
@@ -19,6 +19,7 @@ __all__ = [
     "SequenceSupport",
     "to_arm",
     "to_ebm",
+    "nnx_arm",
     "MAX_ENUMERATE",
     "Lattice",
     "MAX_PREFIX_TREE_CELLS",

@@ -25,13 +25,13 @@ DESIGN_NAMES = [
     "EBM",
     "to_arm",
     "to_ebm",
+    "nnx_arm",
 ]
 MODULES = sorted(
-    {f"seqppl.{m.name}" for m in pkgutil.iter_modules(sp.__path__) if m.name != "__main__"}
-    | {
-        f"seqppl.models.{m.name}"
-        for m in pkgutil.iter_modules(importlib.import_module("seqppl.models").__path__)
-    }
+    m.name
+    for package in (sp, importlib.import_module("seqppl.models"))
+    for m in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
+    if not m.name.endswith("__main__")
 )
 
 

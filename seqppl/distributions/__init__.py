@@ -3,6 +3,7 @@
 from seqppl.distributions.arm import ARM
 from seqppl.distributions.convert import to_arm, to_ebm
 from seqppl.distributions.ebm import EBM
+from seqppl.distributions.nnx import nnx_arm
 from seqppl.distributions.support import SequenceSupport
 
-__all__ = ["ARM", "EBM", "SequenceSupport", "to_arm", "to_ebm"]
+__all__ = ["ARM", "EBM", "SequenceSupport", "nnx_arm", "to_arm", "to_ebm"]

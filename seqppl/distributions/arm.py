@@ -15,6 +15,7 @@ from numpyro.distributions import Distribution
 
 from seqppl.bellman import _check_no_reachable_dead_end, _check_table, occupancy
 from seqppl.distributions.ancestral import ancestral_sample
+from seqppl.distributions.nnx import NNXLogits, module_params
 from seqppl.distributions.support import SequenceSupport, checked_prompt, enumerate_sequences
 from seqppl.lattice import Lattice
 from seqppl.logspace import log_softmax
@@ -73,6 +74,21 @@ class ARM(Distribution):
         self = cls.__new__(cls)
         self._setup(lat.space, lat, None, q, prompt, validate_args)
         return self
+
+    @classmethod
+    def from_nnx(
+        cls, module, space: SequenceSpace, prompt=None, *, params=None, validate_args=None
+    ) -> ARM:
+        """An ARM whose logits are a Flax NNX module's output; ``params`` its ``nnx.Param`` state.
+
+        ``params`` (a pure nested dict, default: the module's own) is the ARM's data, so ``jit``,
+        ``grad`` and ``with_params`` work on it; ``nnx_arm`` registers it as NumPyro sites. A
+        module with pure ``init`` / ``step`` methods (see ``seqppl.distributions.nnx``) is
+        sampled by cached steps.
+        """
+        logits_fn = NNXLogits(module)
+        params = module_params(module) if params is None else params
+        return cls(logits_fn, space, prompt, params=params, validate_args=validate_args)
 
     def _setup(self, space, lattice, logits_fn, params, prompt, validate_args):
         prompt = checked_prompt(space, prompt)

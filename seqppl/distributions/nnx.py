@@ -1,0 +1,108 @@
+"""Flax NNX modules as ARM logits functions: the module is split into a graph and its parameters.
+
+``ARM.from_nnx(module, space)`` keeps the graph (static, an aux field) and the ``nnx.Param``
+state as a pure nested dict (``nnx.to_pure_dict``, the form ``numpyro.contrib.module`` uses), so
+the ARM's ``params`` can be trained by optax, registered with ``numpyro.param`` or sampled from a
+prior. ``nnx_arm`` is the NumPyro primitive that does the registration through
+``numpyro.contrib.module.nnx_module`` / ``random_nnx_module``.
+
+A module used as an ARM maps ``tokens [..., T] -> logits [..., T, A]`` causally (and takes the
+keyword ``prompt=`` when the ARM has a prompt). If it also defines the cached-step protocol as
+pure methods, ``init(batch_shape, prompt=None) -> (logits [*batch, A], cache)`` and
+``step(cache, token [*batch]) -> (logits, cache)`` with ``cache`` a pytree of arrays, sampling
+uses it (one step per decision instead of re-running the whole buffer).
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+__all__ = ["NNXLogits", "module_params", "nnx_arm"]
+
+
+def module_params(module: nnx.Module) -> dict:
+    """The module's ``nnx.Param`` leaves as a pure nested dict (``nnx.to_pure_dict``)."""
+    _, params, _ = nnx.split(module, nnx.Param, ...)
+    return nnx.to_pure_dict(params)
+
+
+class NNXLogits:
+    """``logits_fn(params, tokens, prompt=...)`` that merges ``params`` into the module's graph.
+
+    ``init`` and ``step`` exist exactly when the module defines them (the ARM checks with
+    ``hasattr``). Two wrappers are equal when they wrap the same graph and non-parameter state,
+    which keeps ``jit`` caches valid across ``with_params``.
+    """
+
+    def __new__(cls, module: nnx.Module):
+        if not isinstance(module, nnx.Module):
+            raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}")
+        cached = hasattr(module, "init") and hasattr(module, "step")
+        return super().__new__(_CachedNNXLogits if cached else cls)
+
+    def __init__(self, module: nnx.Module):
+        self.graphdef, self._template, self._rest = nnx.split(module, nnx.Param, ...)
+
+    def merge(self, params) -> nnx.Module:
+        """A fresh module with ``params`` (a pure dict shaped like ``module_params``)."""
+        state = jax.tree.map(lambda leaf: leaf, self._template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state, self._rest, copy=True)
+
+    def __call__(self, params, tokens, **kwargs):
+        return self.merge(params)(tokens, **kwargs)
+
+    def __eq__(self, other):
+        return (
+            type(other) is type(self)
+            and other.graphdef == self.graphdef
+            and other._rest is self._rest
+        )
+
+    def __hash__(self):
+        return hash((type(self), self.graphdef))
+
+
+class _CachedNNXLogits(NNXLogits):
+    def init(self, params, batch_shape, **kwargs):
+        return self.merge(params).init(batch_shape, **kwargs)
+
+    def step(self, params, cache, token):
+        return self.merge(params).step(cache, token)
+
+
+def nnx_arm(name: str, module: nnx.Module, space, prompt=None, *, prior=None, **kwargs):
+    """A NumPyro primitive: an ARM whose module parameters are NumPyro sites.
+
+    With ``prior=None`` the parameters are a ``numpyro.param`` site ``f"{name}$params"``
+    (``numpyro.contrib.module.nnx_module``: SVI optimises them); with ``prior`` (a distribution,
+    a dict of distributions, or ``(name, shape) -> distribution``) each parameter is a
+    ``sample`` site under the scope ``name`` (``random_nnx_module``: NUTS or SVI infer them).
+    Extra keywords go to ``ARM.from_nnx``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpyro
+        >>> from numpyro.infer.util import log_density
+        >>> from flax import nnx
+        >>> from seqppl import SequenceSpace
+        >>> space = SequenceSpace(vocab_size=2, length=2, eos=False)
+        >>> class Unigram(nnx.Module):
+        ...     def __init__(self):
+        ...         self.w = nnx.Param(jnp.zeros(2))
+        ...     def __call__(self, tokens):
+        ...         return jnp.broadcast_to(self.w[...], (*tokens.shape, 2))
+        >>> def model(y):
+        ...     numpyro.sample("y", nnx_arm("lm", Unigram(), space), obs=y)
+        >>> print(round(float(log_density(model, (jnp.array([0, 1]),), {}, {})[0]), 4))
+        -1.3863
+    """
+    from numpyro.contrib.module import nnx_module, random_nnx_module
+
+    from seqppl.distributions.arm import ARM
+
+    registered = (
+        nnx_module(name, module) if prior is None else random_nnx_module(name, module, prior)
+    )
+    # Both return ``partial(apply_fn, params, ...)``: the registered (or sampled) pure dict.
+    return ARM.from_nnx(module, space, prompt, params=registered.args[0], **kwargs)
