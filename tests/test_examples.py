@@ -1,0 +1,51 @@
+"""Every example runs with --quick and prints what it claims (parsed from its output)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str) -> str:
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def number_after(label: str, text: str) -> float:
+    match = re.search(re.escape(label) + r"\s*=?\s*(-?[0-9.]+(?:e[-+]?[0-9]+)?)", text)
+    assert match, f"{label!r} not in output:\n{text}"
+    return float(match.group(1))
+
+
+def test_every_example_is_covered_here():
+    tested = {"quickstart.py", "bayesian_tilt.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_quickstart():
+    text = run_example("quickstart.py")
+    assert "all digit sums divisible by 3: True" in text
+    assert abs(number_after("max |log p_ARM - log p_EBM| on 100 samples:", text)) < 1e-4
+    assert abs(number_after("log sum_y p_ARM(y) over all sequences:", text)) < 1e-5
+    assert 0 < number_after("P_reference(digit sum ≡ 0 mod 3)", text) < 1
+    assert number_after("to_ebm(to_arm(target)): log Z", text) == number_after("log Z", text)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bayesian_tilt():
+    text = run_example("bayesian_tilt.py")
+    means = [float(m) for m in re.findall(r"^beta\s+(-?[0-9.]+)", text, re.M)]
+    assert len(means) == 2 and abs(means[0] - means[1]) < 0.05, means
+    assert abs(means[0] - 0.7) < 0.3
+    ranking = [line.split()[0] for line in text.split("model comparison")[1].splitlines()[2:5]]
+    assert ranking[-1] == "wrong", ranking
