@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.lattice import Lattice
-from seqppl.logspace import NEG_INF, log_softmax, logsumexp
+from seqppl.logspace import NEG_INF, first_nan_or_pos_inf, log_softmax, logsumexp
 from seqppl.space import SequenceSpace
 
 __all__ = [
@@ -291,28 +291,40 @@ def _prepare(lat: Lattice, table, reference, name: str = "r"):
     )
 
 
-def _check_table(lat: Lattice, table, name: str) -> jax.Array:
-    """A float table ``[S, A]`` or ``[T, S, A]`` on ``lat``; NaN and +∞ refused when concrete."""
+def _check_table(lat: Lattice, table, name: str, batched: bool = False) -> jax.Array:
+    """A float table ``[S, A]`` or ``[T, S, A]`` on ``lat`` (with ``batched``, also a batch
+    ``[*B, T, S, A]``); NaN and +∞ refused when concrete."""
     table = jnp.asarray(table)
     if not jnp.issubdtype(table.dtype, jnp.floating):
         table = table.astype(jnp.result_type(float))
     S, A, T = lat.num_states, lat.space.num_actions, lat.space.horizon
-    if table.shape not in ((S, A), (T, S, A)):
-        raise ValueError(f"{name} must have shape [{S}, {A}] or [{T}, {S}, {A}], got {table.shape}")
-    if not isinstance(table, jax.core.Tracer):
-        bad = np.isnan(table) | (np.asarray(table) == np.inf)
-        if bad.any():
-            idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"{name}{list(idx)} = {float(table[idx])}: tables may hold finite values or −∞ "
-                "(a hard constraint), never NaN or +∞"
-            )
+    if table.shape not in ((S, A), (T, S, A)) and not (
+        batched and table.ndim > 3 and table.shape[-3:] == (T, S, A)
+    ):
+        shapes = f"[{S}, {A}] or [{T}, {S}, {A}]"
+        shapes += f" or [*batch, {T}, {S}, {A}]" if batched else ""
+        raise ValueError(f"{name} must have shape {shapes}, got {table.shape}")
+    idx = first_nan_or_pos_inf(table)
+    if idx is not None:
+        raise ValueError(
+            f"{name}{list(idx)} = {float(table[idx])}: tables may hold finite values or −∞ "
+            "(a hard constraint), never NaN or +∞"
+        )
     return table
 
 
 def _check_no_reachable_dead_end(lat: Lattice, q: jax.Array, prompt) -> None:
     """Refuses logits where a state reachable from ``prompt`` has no finite allowed action."""
     if isinstance(q, jax.core.Tracer) or isinstance(prompt, jax.core.Tracer):
+        return
+    if q.ndim > 3:  # a batch of tables: each entry from its own prompt(s)
+        prompt_batch = () if prompt is None else jnp.shape(prompt)[:-1]
+        batch = jnp.broadcast_shapes(q.shape[:-3], prompt_batch)
+        q = jnp.broadcast_to(q, (*batch, *q.shape[-3:]))
+        if prompt is not None:
+            prompt = jnp.broadcast_to(prompt, (*batch, jnp.shape(prompt)[-1]))
+        for index in np.ndindex(*batch):
+            _check_no_reachable_dead_end(lat, q[index], None if prompt is None else prompt[index])
         return
     space = lat.space
     full = jnp.broadcast_to(q, (space.horizon, *q.shape[-2:]))

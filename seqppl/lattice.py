@@ -215,24 +215,35 @@ class Lattice:
         logits. Ids outside ``[0, A)`` score −∞.
 
         Args:
-            table: float ``[S, A]`` or ``[T, S, A]``.
+            table: float ``[S, A]``, ``[T, S, A]``, or a batch of tables ``[*B, T, S, A]``
+                (``B`` broadcast against the batch of ``tokens``).
             tokens: int ``[..., T]``.
             prompt: optional int ``[..., P]``.
         """
         space = self.space
+        T, S, A = space.horizon, self.num_states, space.num_actions
         table = jnp.asarray(table)
-        if table.shape[-2:] != (self.num_states, space.num_actions) or table.ndim not in (2, 3):
+        if table.shape[-2:] != (S, A) or (table.ndim > 3 and table.shape[-3] != T):
             raise ValueError(
-                f"table must have shape [{self.num_states}, {space.num_actions}] or "
-                f"[{space.horizon}, {self.num_states}, {space.num_actions}], got {table.shape}"
+                f"table must have shape [{S}, {A}], [{T}, {S}, {A}] or [*batch, {T}, {S}, {A}], "
+                f"got {table.shape}"
             )
         tokens = _token_array(tokens, space)
-        safe = jnp.where((tokens >= 0) & (tokens < space.num_actions), tokens, 0)
+        safe = jnp.where((tokens >= 0) & (tokens < A), tokens, 0)
         states = self.states(safe, prompt)
         if table.ndim == 2:
             scores = table[states, safe]
-        else:
-            scores = table[jnp.arange(space.horizon), states, safe]
+        elif table.ndim == 3:
+            scores = table[jnp.arange(T), states, safe]
+        else:  # one flat gather per entry: table[b, t, s_t, y_t] with b the entry's batch index
+            batch = table.shape[:-3]
+            lead = jnp.broadcast_shapes(states.shape[:-1], batch)
+            positions = jnp.broadcast_to(jnp.arange(T), (*lead, T))
+            flat_index = (positions * S + jnp.broadcast_to(states, (*lead, T))) * A
+            flat_index = flat_index + jnp.broadcast_to(safe, (*lead, T))
+            flat = table.reshape((1,) * (len(lead) - len(batch)) + (*batch, T * S * A))
+            scores = jnp.take_along_axis(flat, flat_index, axis=-1)
+            tokens = jnp.broadcast_to(tokens, (*lead, T))
         return space.after_eos(tokens, scores)
 
     def lift(self, table, factor: int):

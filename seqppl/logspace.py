@@ -13,8 +13,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["logsumexp", "log_softmax", "softmax", "NEG_INF"]
+__all__ = ["logsumexp", "log_softmax", "softmax", "NEG_INF", "first_nan_or_pos_inf"]
 
 NEG_INF = -jnp.inf
 
@@ -73,3 +74,16 @@ def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
 def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``exp(log_softmax(x))``; an all −∞ row gives zeros (not NaN)."""
     return _softmax_from(x, jnp.expand_dims(logsumexp(x, axis), axis))
+
+
+def first_nan_or_pos_inf(x) -> tuple[int, ...] | None:
+    """Index of the first NaN or +∞ in a concrete array, else None (also None under tracing).
+
+    Scores in seqppl are finite or −∞ (a hard constraint); validation uses this to refuse the
+    rest eagerly with the offending index.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return None
+    x = np.asarray(x)
+    bad = np.isnan(x) | (x == np.inf)
+    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None

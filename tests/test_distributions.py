@@ -142,6 +142,65 @@ def test_shapes_prompts_expand_and_intermediates():
     )
 
 
+def _chi2_pvalue(log_p, draws, seqs):
+    """Goodness of fit of ``draws`` to ``exp(log_p)`` over ``seqs`` (cells below 5 pooled)."""
+    index = {tuple(s): i for i, s in enumerate(np.asarray(seqs))}
+    counts = np.bincount([index[tuple(row)] for row in np.asarray(draws)], minlength=len(seqs))
+    expected = len(draws) * np.exp(np.asarray(log_p))
+    small = expected < 5
+    e = np.append(expected[~small], expected[small].sum())
+    c = np.append(counts[~small], counts[small].sum())
+    return stats.chi2.sf(((c - e) ** 2 / np.maximum(e, 1e-300)).sum(), len(e) - 1)
+
+
+def test_batched_tables_behave_like_each_entry():
+    """Tables ``[*B, T, S, A]`` (with a prompt batch broadcast against B): every method equals
+    the unbatched distribution of each entry."""
+    space = SPACES[0]
+    lat = sp.Lattice.markov(space, 1)
+    T, S, A = space.horizon, lat.num_states, space.num_actions
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, T, S, A))
+    r = rng.standard_normal((1, 2, T, S, A))
+    prompts = np.array([[[0]], [[1]], [[1]]])  # [3, 1, 1]: batch (3, 2) with q and with r
+    seqs = jnp.asarray(space.enumerate())
+    arm = sp.ARM.from_table(lat, q, prompt=prompts)
+    ebm = sp.EBM.from_table(lat, r, prompt=prompts)
+    tilt = sp.ARM.from_table(lat, q).tilt(sp.EBM.from_table(lat, r[0]), scale=0.7)
+    assert arm.batch_shape == (3, 2) and ebm.batch_shape == (3, 2) and tilt.batch_shape == (2,)
+
+    def arm_entry(i, j):
+        return sp.ARM.from_table(lat, q[j], prompt=prompts[i, 0])
+
+    def ebm_entry(i, j):
+        return sp.EBM.from_table(lat, r[0, j], prompt=prompts[i, 0])
+
+    for d, entry in [
+        (arm, arm_entry),
+        (sp.to_ebm(arm), arm_entry),
+        (ebm, ebm_entry),
+        (sp.to_arm(ebm), ebm_entry),
+    ]:
+        assert d.batch_shape == (3, 2)
+        lp = d.log_prob(seqs[:, None, None, :])
+        assert lp.shape == (len(seqs), 3, 2)
+        for i, j in [(0, 0), (2, 1)]:  # entries with different prompts and tables
+            np.testing.assert_allclose(lp[:, i, j], entry(i, j).log_prob(seqs), atol=1e-9)
+        if isinstance(d, sp.ARM):
+            entropy = -(np.exp(lp) * np.nan_to_num(lp, neginf=0)).sum(0)
+            np.testing.assert_allclose(d.entropy(), entropy, rtol=1e-9)
+    for j in range(2):
+        single = sp.ARM.from_table(lat, q[j]).tilt(sp.EBM.from_table(lat, r[0, j]), scale=0.7)
+        np.testing.assert_allclose(tilt.log_partition()[j], single.log_partition(), rtol=1e-10)
+    draws = sp.to_arm(tilt).sample(jax.random.key(4), (3000,))
+    assert draws.shape == (3000, 2, T)
+    log_p = tilt.log_prob(seqs[:, None, :])
+    for j in range(2):
+        assert _chi2_pvalue(log_p[:, j], draws[:, j], seqs) > CHI2_ALPHA
+    with pytest.raises(ValueError, match=r"\[\*batch, "):
+        sp.ARM.from_table(lat, q[:, :1])  # a batch needs the time axis
+
+
 def test_jit_and_vmap_over_distribution_objects():
     space = sp.SequenceSpace(3, 3, eos=True)
     task = digit_sum_task(space, 3)

@@ -16,7 +16,13 @@ from numpyro.distributions import Distribution
 from seqppl.bellman import _check_no_reachable_dead_end, _check_table, occupancy
 from seqppl.distributions.ancestral import ancestral_sample
 from seqppl.distributions.nnx import NNXLogits, module_params
-from seqppl.distributions.support import SequenceSupport, checked_prompt, enumerate_sequences
+from seqppl.distributions.support import (
+    SequenceSupport,
+    batch_shape_of,
+    checked_prompt,
+    enumerate_sequences,
+    map_over_batch,
+)
 from seqppl.lattice import Lattice
 from seqppl.logspace import log_softmax
 from seqppl.space import SequenceSpace
@@ -63,13 +69,14 @@ class ARM(Distribution):
 
     @classmethod
     def from_table(cls, lat: Lattice, q, prompt=None, *, validate_args=None) -> ARM:
-        """An ARM whose logits are a lattice table ``q`` ``[S, A]`` or ``[T, S, A]`` (its params).
+        """An ARM whose logits are a lattice table ``q`` (its params): ``[S, A]``, ``[T, S, A]``,
+        or a batch of tables ``[*B, T, S, A]`` (batch shape: ``B`` broadcast with the prompt's).
 
         Raises:
             ValueError: bad shape, NaN/+∞, or a state reachable from ``prompt`` with no finite
                 allowed logit (not a distribution).
         """
-        q = _check_table(lat, q, "q")
+        q = _check_table(lat, q, "q", batched=True)
         _check_no_reachable_dead_end(lat, q, prompt)
         self = cls.__new__(cls)
         self._setup(lat.space, lat, None, q, prompt, validate_args)
@@ -94,7 +101,7 @@ class ARM(Distribution):
         prompt = checked_prompt(space, prompt)
         self.space, self.lattice, self.logits_fn = space, lattice, logits_fn
         self.params, self.prompt = params, prompt
-        batch = () if prompt is None else tuple(prompt.shape[:-1])
+        batch = batch_shape_of(params if lattice is not None else None, prompt)
         super().__init__(batch, (space.horizon,), validate_args=validate_args)
 
     @property
@@ -112,20 +119,27 @@ class ARM(Distribution):
     def logits(self, tokens) -> jax.Array:
         """Raw logits ``[..., T, A]`` of each decision along ``tokens [..., T]`` (no mask)."""
         tokens = jnp.asarray(tokens, jnp.int32)
-        if self.lattice is not None:
-            table = self._full_table()
-            return table[jnp.arange(self.space.horizon), self.lattice.states(tokens, self.prompt)]
-        return self._call(self.logits_fn, tokens)
+        if self.lattice is None:
+            return self._call(self.logits_fn, tokens)
+        table = self._full_table()  # [*B, T, S, A]
+        states = self.lattice.states(tokens, self.prompt)
+        T, S, A = table.shape[-3:]
+        batch = table.shape[:-3]
+        lead = jnp.broadcast_shapes(states.shape[:-1], batch)
+        positions = jnp.broadcast_to(jnp.arange(T), (*lead, T))
+        rows = positions * S + jnp.broadcast_to(states, (*lead, T))  # row of (t, s_t)
+        flat = table.reshape((1,) * (len(lead) - len(batch)) + (*batch, T * S, A))
+        return jnp.take_along_axis(flat, rows[..., None], axis=-2)
 
     def log_policy_table(self) -> jax.Array:
-        """Table ARMs: ``log π[t, s, a]`` ``[T, S, A]`` (last-decision mask applied)."""
+        """Table ARMs: ``log π[t, s, a]`` ``[*B, T, S, A]`` (last-decision mask applied)."""
         if self.lattice is None:
             raise ValueError("log_policy_table needs a table ARM (ARM.from_table)")
         return log_softmax(self.space.mask_logits(self._full_table(), table=True), -1)
 
     def _full_table(self):
         q = jnp.asarray(self.params)
-        return jnp.broadcast_to(q, (self.space.horizon, *q.shape[-2:]))
+        return q if q.ndim > 2 else jnp.broadcast_to(q, (self.space.horizon, *q.shape))
 
     def _call(self, fn, *args):
         args = args if self.params is None else (self.params, *args)
@@ -152,22 +166,17 @@ class ARM(Distribution):
             log_p = self.lattice.path_scores(self.log_policy_table(), safe, self.prompt).sum(-1)
         else:
             log_p = _sequence_log_prob(self.logits(safe), safe, self.space)
-        return jnp.where(ok, log_p, -jnp.inf)
+        return jnp.where(jnp.broadcast_to(ok, log_p.shape), log_p, -jnp.inf)
 
     def sample_with_intermediates(self, key, sample_shape=()):
         """``(tokens [*sample, *batch, T], [step log-probs [*sample, *batch, T]])``."""
         shape = tuple(sample_shape) + self.batch_shape
-        if self.lattice is not None:
-            table = self.log_policy_table()
+        if self.lattice is not None:  # the sampler masks and normalises the raw rows
+            rows = _table_rows(jnp.asarray(self.params))
             delta = jnp.asarray(self.lattice.delta)
             start = jnp.broadcast_to(self.lattice.initial_state(self.prompt), shape)
             tokens, log_ps = ancestral_sample(
-                key,
-                shape,
-                self.space,
-                start,
-                lambda s, t: table[t][s],
-                lambda s, token, t: delta[s, token],
+                key, shape, self.space, start, rows, lambda s, token, t: delta[s, token]
             )
         elif hasattr(self.logits_fn, "init") and hasattr(self.logits_fn, "step"):
             first = self._call(self.logits_fn.init, shape)
@@ -214,22 +223,34 @@ class ARM(Distribution):
                 "entropy() is exact for table ARMs; for a callable ARM use "
                 "-arm.log_prob(arm.sample(key, (n,))).mean()"
             )
-        table = self.log_policy_table()
 
-        def one(prompt):
+        def one(table, prompt):
             mu = occupancy(self.lattice, table, prompt)
             return -jnp.sum(jnp.where(mu > 0, mu * jnp.where(mu > 0, table, 0), 0))
 
-        if self.prompt is None:
-            return one(None)
-        flat = self.prompt.reshape(-1, self.prompt.shape[-1])
-        return jax.vmap(one)(flat).reshape(self.batch_shape)
+        return map_over_batch(one, self.batch_shape, self.log_policy_table(), self.prompt)
 
     def tilt(self, reward, scale=1.0):
         """The EBM ``p ∝ p_arm · exp(scale · R)``; ``reward`` an EBM or ``reward_fn(tokens)``."""
         from seqppl.distributions.ebm import EBM
 
         return EBM._tilt(self, reward, scale)
+
+
+def _table_rows(q):
+    """``(states [*shape], t) -> q[..., t, s, :]`` rows ``[*shape, A]`` of a table ARM's
+    ``[S, A]``, ``[T, S, A]`` or ``[*B, T, S, A]`` logits (``B`` trailing in ``shape``)."""
+    if q.ndim == 2:
+        return lambda s, t: q[s]
+    if q.ndim == 3:
+        return lambda s, t: q[t][s]
+
+    def rows(s, t):
+        at_t = jnp.take(q, t, axis=-3)  # [*B, S, A]
+        at_t = at_t.reshape((1,) * (s.ndim - at_t.ndim + 2) + at_t.shape)
+        return jnp.take_along_axis(at_t, s[..., None, None], axis=-2)[..., 0, :]
+
+    return rows
 
 
 def _sequence_log_prob(logits, tokens, space: SequenceSpace) -> jax.Array:

@@ -11,6 +11,7 @@ import numpy as np
 from seqppl.bellman import inverse_soft_bellman, soft_bellman
 from seqppl.distributions.arm import ARM
 from seqppl.distributions.ebm import EBM
+from seqppl.distributions.support import batch_shape_of, map_over_batch
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 
 __all__ = ["to_arm", "to_ebm"]
@@ -34,7 +35,13 @@ def to_ebm(arm: ARM) -> EBM:
     if not isinstance(arm, ARM):
         raise TypeError(f"to_ebm takes an ARM, got {type(arm).__name__}")
     if arm.lattice is not None:
-        r = inverse_soft_bellman(arm.lattice, arm.params, prompt=arm.prompt)
+        lat = arm.lattice
+        r = map_over_batch(
+            lambda q, prompt: inverse_soft_bellman(lat, q, prompt=prompt),
+            arm.batch_shape if batch_shape_of(arm.params) else (),  # one table: one M⁻¹
+            arm.params,
+            arm.prompt,
+        )
         return EBM.from_table(arm.lattice, r, arm.prompt, validate_args=arm._validate_args)
     return EBM._build(arm.space, arm.prompt, [("path", 1.0, arm, None, None)], arm._validate_args)
 
@@ -52,7 +59,10 @@ def to_arm(ebm: EBM) -> ARM:
     if not isinstance(ebm, EBM):
         raise TypeError(f"to_arm takes an EBM, got {type(ebm).__name__}")
     if ebm.is_lattice:
-        q, _ = soft_bellman(ebm.joint, ebm.reward_table())
+        table = ebm.reward_table()
+        q = map_over_batch(
+            lambda r, _: soft_bellman(ebm.joint, r)[0], batch_shape_of(table), table, None
+        )
         return ARM.from_table(ebm.joint, q, ebm.prompt, validate_args=ebm._validate_args)
     space = ebm.space
     tree_cells = sum(space.vocab_size**d for d in range(space.horizon)) * space.num_actions

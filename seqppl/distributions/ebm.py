@@ -13,13 +13,20 @@ import copy
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro.distributions import Distribution
 
 from seqppl.bellman import _check_table, path_rewards, soft_values
 from seqppl.distributions.arm import ARM
-from seqppl.distributions.support import SequenceSupport, checked_prompt, enumerate_sequences
+from seqppl.distributions.support import (
+    SequenceSupport,
+    batch_shape_of,
+    checked_prompt,
+    enumerate_sequences,
+    map_over_batch,
+)
 from seqppl.lattice import Lattice
-from seqppl.logspace import logsumexp
+from seqppl.logspace import first_nan_or_pos_inf, logsumexp
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
 
 __all__ = ["EBM"]
@@ -61,11 +68,12 @@ class EBM(Distribution):
 
     @classmethod
     def from_table(cls, lat: Lattice, r, prompt=None, *, validate_args=None) -> EBM:
-        """Local rewards ``r`` ``[S, A]`` or ``[T, S, A]`` on a lattice: ``R = Σ_t r[t, s_t, y_t]``.
+        """Local rewards ``r`` on a lattice: ``R = Σ_t r[t, s_t, y_t]``; ``r`` is ``[S, A]``,
+        ``[T, S, A]`` or a batch ``[*B, T, S, A]`` (batch shape: ``B`` broadcast with the prompt's).
 
         ``log_partition`` is then one DP; ``sample`` and ``to_arm`` use M.
         """
-        r = _check_table(lat, r, "r")
+        r = _check_table(lat, r, "r", batched=True)
         return cls._build(lat.space, prompt, [("table", 1.0, r, lat, None)], validate_args)
 
     @classmethod
@@ -84,7 +92,11 @@ class EBM(Distribution):
         self.fns = tuple(p[4] for p in parts)
         self.joint = _joint_lattice(self.lattices) if self.is_lattice else None
         self.log_z_override, self.log_partition_source = log_z, source
-        batch = () if prompt is None else tuple(prompt.shape[:-1])
+        batch = batch_shape_of(
+            None,
+            prompt,
+            *(_part_batch(k, p) for k, p in zip(self.kinds, self.payloads, strict=True)),
+        )
         super().__init__(batch, (space.horizon,), validate_args=validate_args)
 
     def _parts(self):
@@ -123,6 +135,8 @@ class EBM(Distribution):
         value = jnp.asarray(value)
         if value.ndim == 0 or value.shape[-1] != self.space.horizon:
             return jnp.full(value.shape[:-1], -jnp.inf)
+        lead = jnp.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        value = jnp.broadcast_to(value, (*lead, value.shape[-1]))
         ok = self.support(value)
         safe = jnp.where(ok[..., None], value, self.support.feasible_like(value)).astype(jnp.int32)
         total = jnp.zeros(safe.shape[:-1])
@@ -143,23 +157,23 @@ class EBM(Distribution):
         out = jnp.asarray(out)
         if out.shape != tokens.shape[:-1]:
             raise ValueError(f"reward_fn must return shape {tokens.shape[:-1]}, got {out.shape}")
-        if not isinstance(out, jax.core.Tracer) and bool(
-            jnp.any(jnp.isnan(out) | (out == jnp.inf))
-        ):
-            raise ValueError(
-                "reward_fn returned NaN or +∞; rewards are finite or −∞ (a constraint)"
-            )
+        _refuse_bad_rewards(out, "reward_fn returned")
         return out
 
     def reward_table(self) -> jax.Array:
-        """Lattice EBMs: local rewards ``[T, S, A]`` on ``self.joint`` (parts lifted and summed)."""
+        """Lattice EBMs: local rewards ``[*B, T, S, A]`` on ``self.joint`` (parts lifted and
+        summed; ``B`` the broadcast batch of the parts' tables, often empty)."""
         if not self.is_lattice:
             raise ValueError("reward_table needs every part on a lattice")
         T = self.space.horizon
-        total = jnp.zeros((T, self.joint.num_states, self.space.num_actions))
-        for kind, scale, payload, lat, _ in self._parts():
-            table = payload.log_policy_table() if kind == "arm" else payload
-            table = jnp.broadcast_to(table, (T, *jnp.shape(table)[-2:]))
+        tables = [
+            p.log_policy_table() if k == "arm" else p
+            for k, p in zip(self.kinds, self.payloads, strict=True)
+        ]
+        batch = batch_shape_of(None, None, *(jnp.shape(t)[:-3] for t in tables))
+        total = jnp.zeros((*batch, T, self.joint.num_states, self.space.num_actions))
+        for (_, scale, _, lat, _), table in zip(self._parts(), tables, strict=True):
+            table = jnp.broadcast_to(table, (*batch, T, *jnp.shape(table)[-2:]))
             table = _lift(self.joint, self.lattices, lat, table)
             total = total + (table if scale is None else _scaled(scale, table))
         return total
@@ -179,8 +193,15 @@ class EBM(Distribution):
         if self.log_z_override is not None:
             return self.log_z_override
         if self.is_lattice:
-            values = soft_values(self.joint, self.reward_table())
-            return values[0, self.joint.initial_state(self.prompt)]
+            table, joint = self.reward_table(), self.joint
+            if table.ndim == 3:  # one DP serves every prompt
+                return soft_values(joint, table)[0, joint.initial_state(self.prompt)]
+            return map_over_batch(
+                lambda t, p: soft_values(joint, t)[0, joint.initial_state(p)],
+                self.batch_shape,
+                table,
+                self.prompt,
+            )
         if self.kinds == ("path",):  # to_ebm of a callable ARM: A(x) = V_q(x)
             logits = self.payloads[0].logits(self.support.feasible_like(jnp.zeros(self._shape())))
             return logsumexp(self.space.mask_logits(logits)[..., 0, :], -1)
@@ -218,13 +239,7 @@ class EBM(Distribution):
             (padded.reshape(chunks, ENUMERATION_CHUNK, -1), keep.reshape(chunks, -1)),
         )
         log_z = logsumexp(per_chunk, 0)
-        if not isinstance(log_z, jax.core.Tracer) and bool(
-            jnp.any(jnp.isnan(log_z) | (log_z == jnp.inf))
-        ):
-            raise ValueError(
-                "reward_fn returned NaN or +∞ on some sequence; rewards are finite "
-                "or −∞ (a constraint)"
-            )
+        _refuse_bad_rewards(log_z, "the rewards summed in log Z hold")
         return log_z
 
     def with_log_partition(self, estimate) -> EBM:
@@ -251,7 +266,8 @@ class EBM(Distribution):
         """``R(x, y) − A(x)`` ``[...]``; −∞ outside the support (never NaN)."""
         if self._validate_args:
             self._validate_sample(jnp.asarray(value))
-        return self.unnormalized_log_prob(value) - self.log_partition()
+        reward = self.unnormalized_log_prob(value)
+        return reward - jnp.broadcast_to(self.log_partition(), reward.shape)
 
     def sample(self, key, sample_shape=()):
         """Exact samples ``[*sample_shape, *batch, T]``: via M on lattices, else a categorical
@@ -315,6 +331,23 @@ class EBM(Distribution):
         table = lat.accepting_rewards(accepting, jnp.result_type(float))
         return self._build(
             self.space, self.prompt, self._parts() + [("constraint", None, table, lat, None)]
+        )
+
+
+def _part_batch(kind, payload) -> tuple[int, ...]:
+    """The batch shape a part contributes: a batched table's, or a nested distribution's."""
+    if kind in ("arm", "path"):
+        return payload.batch_shape
+    return batch_shape_of(payload) if kind in ("table", "constraint") else ()
+
+
+def _refuse_bad_rewards(values, what):
+    """Eagerly refuse NaN / +∞ sequence rewards (−∞ is a legal hard constraint)."""
+    idx = first_nan_or_pos_inf(values)
+    if idx is not None:
+        raise ValueError(
+            f"{what} {float(np.asarray(values)[idx])} at index {list(idx)}: rewards are finite "
+            "or −∞ (a constraint), never NaN or +∞"
         )
 
 

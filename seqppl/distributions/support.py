@@ -6,13 +6,21 @@ set and, with EOS, every entry after the first EOS is EOS and the last entry is 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from numpyro.distributions import constraints
 
 from seqppl.space import SequenceSpace
 
-__all__ = ["SequenceSupport", "checked_prompt", "enumerate_sequences"]
+__all__ = [
+    "SequenceSupport",
+    "batch_shape_of",
+    "checked_prompt",
+    "enumerate_sequences",
+    "map_over_batch",
+]
 
 
 class SequenceSupport(constraints.Constraint):
@@ -81,3 +89,35 @@ def checked_prompt(space: SequenceSpace, prompt):
     if not isinstance(prompt, jax.core.Tracer):
         space.validate_prompt(prompt)
     return jnp.asarray(prompt, jnp.int32)
+
+
+def batch_shape_of(table=None, prompt=None, *more) -> tuple[int, ...]:
+    """The broadcast batch shape of a lattice table (``[*B, T, S, A]``; ``[S, A]`` and
+    ``[T, S, A]`` have none), a prompt ``[*B, P]`` and further batch shapes."""
+    shapes = [tuple(jnp.shape(table)[:-3]) if table is not None and jnp.ndim(table) > 3 else ()]
+    shapes.append(() if prompt is None else tuple(jnp.shape(prompt)[:-1]))
+    return tuple(jnp.broadcast_shapes(*shapes, *more))
+
+
+def map_over_batch(fn, batch_shape, table, prompt):
+    """``fn(table_b, prompt_b)`` for every entry ``b`` of ``batch_shape``, stacked ``[*batch, …]``.
+
+    ``table`` (``[S, A]``, ``[T, S, A]`` shared by all entries, or ``[*B, T, S, A]``) and
+    ``prompt`` (None or ``[*B', P]``) broadcast to ``batch_shape``; ``fn`` sees one table and one
+    prompt ``[P]`` (or None). One ``vmap`` over the flattened batch.
+    """
+    if not batch_shape:
+        return fn(table, prompt)
+    size = math.prod(batch_shape)
+    table = jnp.asarray(table)
+    table_axis = None
+    if table.ndim > 3:
+        event = table.shape[-3:]
+        table = jnp.broadcast_to(table, (*batch_shape, *event)).reshape(size, *event)
+        table_axis = 0
+    prompt_axis = None
+    if prompt is not None:
+        prompt = jnp.broadcast_to(prompt, (*batch_shape, prompt.shape[-1])).reshape(size, -1)
+        prompt_axis = 0
+    out = jax.vmap(fn, in_axes=(table_axis, prompt_axis))(table, prompt)
+    return jax.tree.map(lambda x: x.reshape(*batch_shape, *x.shape[1:]), out)
