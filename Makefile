@@ -26,7 +26,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check seqppl models tests examples benchmarks
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/bench_bellman.py
+	$(PY) benchmarks/bench_distributions.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -322,3 +322,26 @@ def test_cached_step_protocol_samples_like_reevaluation():
     np.testing.assert_array_equal(y_c, y_p)
     np.testing.assert_allclose(lp_c, lp_p, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(lp_c.sum(-1), plain.log_prob(y_c), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_inverse_cdf_draws_match_the_row_and_never_zero_mass(dtype, scale):
+    from seqppl.distributions.ancestral import _inverse_cdf
+
+    rng = np.random.default_rng(int(scale))
+    logits = rng.standard_normal((3, 6)) * (1.0 if scale == 1.0 else 0.0)
+    logits[:, [1, 4]] = -np.inf  # hard-masked actions
+    logits[2, 5] = scale  # an extreme logit: the row is (nearly) deterministic
+    log_p = sp.log_softmax(jnp.asarray(logits, dtype), -1)
+    n = 20_000
+    draws = np.asarray(_inverse_cdf(jax.random.key(3), jnp.broadcast_to(log_p, (n, 3, 6))))
+    assert not np.isin(draws, [1, 4]).any()
+    for row in range(3):
+        counts = np.bincount(draws[:, row], minlength=6)
+        p = np.exp(np.asarray(log_p[row], np.float64))
+        keep = p * n >= 5
+        e, c = n * p[keep], counts[keep]
+        if len(e) > 1:
+            assert stats.chi2.sf(((c - e) ** 2 / e).sum(), len(e) - 1) > CHI2_ALPHA
+        assert counts[~keep].sum() <= max(20, 4 * n * p[~keep].sum())

@@ -37,7 +37,7 @@ def ancestral_sample(key, shape, space: SequenceSpace, state, next_logits, advan
         logits = next_logits(state, t)
         allowed = jnp.where(t == T - 1, last_mask, jnp.ones((A,), bool))
         log_p = log_softmax(jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf))
-        token = jax.random.categorical(step_key, log_p, axis=-1).astype(jnp.int32)
+        token = _inverse_cdf(step_key, log_p)
         token = jnp.where(done, eos, token)
         step_log_p = jnp.take_along_axis(log_p, token[..., None], axis=-1)[..., 0]
         step_log_p = jnp.where(done, jnp.zeros_like(step_log_p), step_log_p)
@@ -47,3 +47,15 @@ def ancestral_sample(key, shape, space: SequenceSpace, state, next_logits, advan
     done = jnp.zeros(shape, bool)
     _, (tokens, log_ps) = jax.lax.scan(body, (state, done), (jnp.arange(T), keys))
     return jnp.moveaxis(tokens, 0, -1), jnp.moveaxis(log_ps, 0, -1)
+
+
+def _inverse_cdf(key, log_p):
+    """One draw per row of ``softmax(log_p)`` ``[..., A]`` from one uniform per row: the first
+    index whose cumulative mass reaches ``u · total``, ``u ~ U(0, 1]``. Zero-mass actions are
+    never drawn (their cumulative sum equals the previous one). ``A``-times fewer random numbers
+    than the Gumbel-max trick of ``jax.random.categorical``, which dominates sampling on CPU."""
+    probs = jnp.exp(log_p - jnp.max(log_p, axis=-1, keepdims=True))
+    cumulative = jnp.cumsum(probs, axis=-1)
+    u = 1.0 - jax.random.uniform(key, log_p.shape[:-1], dtype=cumulative.dtype)
+    threshold = (u * cumulative[..., -1])[..., None]
+    return jnp.sum(cumulative < threshold, axis=-1, dtype=jnp.int32)
