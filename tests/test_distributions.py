@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from numpyro.infer.util import log_density
 from scipy import stats
 from seqppl.models.tasks import digit_sum_task
@@ -12,6 +14,7 @@ from seqppl.models.tasks import digit_sum_task
 import seqppl as sp
 
 from . import oracles
+from .strategies import arm_tables, assert_close, lattices, problems, spaces, tolerance
 
 SPACES = [sp.SequenceSpace(3, 3, eos=True), sp.SequenceSpace(2, 4, eos=False)]
 CHI2_ALPHA = 1e-3  # false-alarm rate of each goodness-of-fit test (fixed seeds: reproducible)
@@ -57,6 +60,44 @@ def _distributions(space):
 
 
 CASES = [(i, name) for i, s in enumerate(SPACES) for name in _distributions(s)]
+
+
+@given(problems())
+def test_table_ebm_log_prob_matches_the_oracle(problem):
+    """R(y) − log Z against enumeration, −∞ masks, scales up to 1e3, float32 and float64."""
+    lat, r, prompt, dtype, scale = problem
+    ebm = sp.EBM.from_table(lat, r, prompt)
+    seqs = oracles.all_sequences(lat.space.vocab_size, lat.space.length, lat.space.eos)
+    rewards = np.array([oracles.sequence_reward(r, lat, y, prompt) for y in seqs])
+    log_z = oracles.logsumexp_np(rewards)
+    expected = rewards - log_z if np.isfinite(log_z) else np.full(len(seqs), -np.inf)
+    log_p = ebm.log_prob(jnp.asarray(seqs))
+    assert log_p.dtype == dtype
+    assert_close(log_p, expected, 4 * tolerance(dtype, lat.space.horizon, scale), "log_prob")
+    assert_close(
+        ebm.unnormalized_log_prob(jnp.asarray(seqs)),
+        rewards,
+        tolerance(dtype, lat.space.horizon, scale),
+    )
+
+
+@given(st.data())
+def test_table_arm_log_prob_and_entropy_match_the_oracle(data):
+    space = data.draw(spaces())
+    lat = data.draw(lattices(space))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    q, scale = data.draw(arm_tables(lat, dtype))
+    arm = sp.ARM.from_table(lat, q)
+    seqs = oracles.all_sequences(space.vocab_size, space.length, space.eos)
+    expected = np.array([oracles.arm_log_prob(q, lat, y) for y in seqs])
+    log_p = arm.log_prob(jnp.asarray(seqs))
+    assert log_p.dtype == dtype
+    tol = tolerance(dtype, space.horizon, scale)
+    assert_close(log_p, expected, tol, "log_prob")
+    assert abs(oracles.logsumexp_np(expected)) < tol  # the oracle's own normalisation
+    p = np.exp(expected)
+    entropy = -np.sum(np.where(p > 0, p * np.where(p > 0, expected, 0), 0))
+    assert abs(float(arm.entropy()) - entropy) <= tol * max(1.0, scale)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"space{c[0]}-{c[1]}")

@@ -139,10 +139,13 @@ class EBM(Distribution):
         value = jnp.broadcast_to(value, (*lead, value.shape[-1]))
         ok = self.support(value)
         safe = jnp.where(ok[..., None], value, self.support.feasible_like(value)).astype(jnp.int32)
-        total = jnp.zeros(safe.shape[:-1])
-        for kind, scale, payload, lat, fn in self._parts():
-            part = self._part_reward(kind, payload, lat, fn, safe)
-            total = total + (part if scale is None else _scaled(scale, part))
+        parts = [
+            self._part_reward(kind, payload, lat, fn, safe)
+            for kind, _, payload, lat, fn in self._parts()
+        ]
+        total = sum(
+            p if s is None else _scaled(s, p) for s, p in zip(self.scales, parts, strict=True)
+        )
         return jnp.where(ok, total, -jnp.inf)
 
     def _part_reward(self, kind, payload, lat, fn, tokens):
@@ -171,7 +174,7 @@ class EBM(Distribution):
             for k, p in zip(self.kinds, self.payloads, strict=True)
         ]
         batch = batch_shape_of(None, None, *(jnp.shape(t)[:-3] for t in tables))
-        total = jnp.zeros((*batch, T, self.joint.num_states, self.space.num_actions))
+        total = 0
         for (_, scale, _, lat, _), table in zip(self._parts(), tables, strict=True):
             table = jnp.broadcast_to(table, (*batch, T, *jnp.shape(table)[-2:]))
             table = _lift(self.joint, self.lattices, lat, table)
@@ -263,11 +266,19 @@ class EBM(Distribution):
     # -- Distribution API -------------------------------------------------------------------
 
     def log_prob(self, value):
-        """``R(x, y) − A(x)`` ``[...]``; −∞ outside the support (never NaN)."""
+        """``R(x, y) − A(x)`` ``[...]``; −∞ outside the support and where ``R = −∞`` (never NaN).
+
+        ``A(x)`` is exact (``log_partition_source == "exact"``) unless this EBM came from
+        ``with_log_partition``: then it is that estimate (``log_partition_source == "estimate"``,
+        the estimate with its standard error in ``log_partition_estimate``), and ``log_prob``
+        inherits the estimate's error as a common shift of every sequence.
+        """
         if self._validate_args:
             self._validate_sample(jnp.asarray(value))
         reward = self.unnormalized_log_prob(value)
-        return reward - jnp.broadcast_to(self.log_partition(), reward.shape)
+        log_z = jnp.broadcast_to(self.log_partition(), reward.shape)
+        # R = −∞ scores −∞ even when every sequence is excluded (log Z = −∞): never NaN
+        return jnp.where(reward == -jnp.inf, -jnp.inf, reward - log_z)
 
     def sample(self, key, sample_shape=()):
         """Exact samples ``[*sample_shape, *batch, T]``: via M on lattices, else a categorical
