@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	HYPOTHESIS_PROFILE=full $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check seqppl models tests examples benchmarks

@@ -41,10 +41,10 @@ def simulate(seed, beta=TRUE_BETA, n=NUM_DATA):
     return sp.to_arm(BASE.tilt(count_reward(0), scale=beta)).sample(jax.random.key(seed), (n,))
 
 
-def run_nuts(y, form="ebm", token=0, seed=0, num_samples=500):
+def run_nuts(y, form="ebm", token=0, seed=0, num_samples=400):
     mcmc = MCMC(
         NUTS(model),
-        num_warmup=300,
+        num_warmup=200,
         num_samples=num_samples,
         num_chains=2,
         chain_method="sequential",
@@ -105,7 +105,7 @@ def test_predictive_draws_sequences_from_the_posterior(fitted):
     y, runs = fitted
     samples = runs["ebm"].get_samples()
     draws = Predictive(model, samples)(jax.random.key(3), 50)["y"]
-    assert draws.shape == (1000, 50, SPACE.horizon) and jnp.issubdtype(draws.dtype, jnp.integer)
+    assert draws.shape == (800, 50, SPACE.horizon) and jnp.issubdtype(draws.dtype, jnp.integer)
     assert bool(sp.SequenceSupport(SPACE)(draws).all())
     # posterior predictive frequency of token 0 per sequence ≈ the data's (same model)
     observed = float((y == 0).sum(-1).mean())
@@ -117,7 +117,7 @@ def test_arviz_loo_and_compare_on_the_sequence_site(fitted):
     y, runs = fitted
     trees = {form: az.from_numpyro(mcmc, log_likelihood=True) for form, mcmc in runs.items()}
     trees["wrong_token"] = az.from_numpyro(run_nuts(y, token=1), log_likelihood=True)
-    assert trees["ebm"]["log_likelihood"]["y"].shape == (2, 500, NUM_DATA)
+    assert trees["ebm"]["log_likelihood"]["y"].shape == (2, 400, NUM_DATA)
     loo = {name: az.loo(tree) for name, tree in trees.items()}
     assert all(np.isfinite(r.elpd) for r in loo.values())
     assert float(np.max(loo["ebm"].pareto_k)) < 0.7
