@@ -9,6 +9,7 @@ from seqppl.distributions import ARM, EBM, SequenceSupport, nnx_arm, to_arm, to_
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 from seqppl.logspace import log_softmax, logsumexp, softmax
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
+from seqppl.train import fit
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "logsumexp",
     "log_softmax",
     "softmax",
+    "fit",
 ]

@@ -15,7 +15,7 @@ from numpyro.distributions import Distribution
 
 from seqppl.bellman import _check_no_reachable_dead_end, _check_table, occupancy
 from seqppl.distributions.ancestral import ancestral_sample
-from seqppl.distributions.nnx import NNXLogits, module_params
+from seqppl.distributions.nnx import NNXFunction, module_params
 from seqppl.distributions.support import (
     SequenceSupport,
     batch_shape_of,
@@ -93,7 +93,7 @@ class ARM(Distribution):
         module with pure ``init`` / ``step`` methods (see ``seqppl.distributions.nnx``) is
         sampled by cached steps.
         """
-        logits_fn = NNXLogits(module)
+        logits_fn = NNXFunction(module)
         params = module_params(module) if params is None else params
         return cls(logits_fn, space, prompt, params=params, validate_args=validate_args)
 

@@ -18,6 +18,7 @@ from numpyro.distributions import Distribution
 
 from seqppl.bellman import _check_table, path_rewards, soft_values
 from seqppl.distributions.arm import ARM
+from seqppl.distributions.nnx import NNXFunction, module_params
 from seqppl.distributions.support import (
     SequenceSupport,
     batch_shape_of,
@@ -75,6 +76,16 @@ class EBM(Distribution):
         """
         r = _check_table(lat, r, "r", batched=True)
         return cls._build(lat.space, prompt, [("table", 1.0, r, lat, None)], validate_args)
+
+    @classmethod
+    def from_nnx(
+        cls, module, space: SequenceSpace, prompt=None, *, params=None, validate_args=None
+    ) -> EBM:
+        """An EBM whose sequence reward is a Flax NNX module's output ``[...]``; ``params`` its
+        ``nnx.Param`` state as a pure dict (default: the module's own), as in ``ARM.from_nnx``."""
+        reward_fn = NNXFunction(module)
+        params = module_params(module) if params is None else params
+        return cls(reward_fn, space, prompt, params=params, validate_args=validate_args)
 
     @classmethod
     def _build(cls, space, prompt, parts, validate_args=None, log_z=None, source="exact"):

@@ -1,4 +1,4 @@
-"""Flax NNX modules as ARM logits functions: the module is split into a graph and its parameters.
+"""Flax NNX modules as ARM logits or EBM reward functions: split into a graph and parameters.
 
 ``ARM.from_nnx(module, space)`` keeps the graph (static, an aux field) and the ``nnx.Param``
 state as a pure nested dict (``nnx.to_pure_dict``, the form ``numpyro.contrib.module`` uses), so
@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-__all__ = ["NNXLogits", "module_params", "nnx_arm"]
+__all__ = ["NNXFunction", "module_params", "nnx_arm"]
 
 
 def module_params(module: nnx.Module) -> dict:
@@ -27,8 +27,8 @@ def module_params(module: nnx.Module) -> dict:
     return nnx.to_pure_dict(params)
 
 
-class NNXLogits:
-    """``logits_fn(params, tokens, prompt=...)`` that merges ``params`` into the module's graph.
+class NNXFunction:
+    """``fn(params, tokens, prompt=...)`` (logits or reward) merging ``params`` into the graph.
 
     ``init`` and ``step`` exist exactly when the module defines them (the ARM checks with
     ``hasattr``). Two wrappers are equal when they wrap the same graph and non-parameter state,
@@ -39,7 +39,7 @@ class NNXLogits:
         if not isinstance(module, nnx.Module):
             raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}")
         cached = hasattr(module, "init") and hasattr(module, "step")
-        return super().__new__(_CachedNNXLogits if cached else cls)
+        return super().__new__(_CachedNNXFunction if cached else cls)
 
     def __init__(self, module: nnx.Module):
         self.graphdef, self._template, self._rest = nnx.split(module, nnx.Param, ...)
@@ -64,7 +64,7 @@ class NNXLogits:
         return hash((type(self), self.graphdef))
 
 
-class _CachedNNXLogits(NNXLogits):
+class _CachedNNXFunction(NNXFunction):
     def init(self, params, batch_shape, **kwargs):
         return self.merge(params).init(batch_shape, **kwargs)
 

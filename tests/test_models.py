@@ -1,0 +1,95 @@
+"""The model zoo: Transformer ARM/EBM, n-gram and GRU ARMs as seqppl distributions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from seqppl.models.gru import GRU
+from seqppl.models.ngram import NGram, exact_arm
+from seqppl.models.transformer import TransformerARM, TransformerEBM
+
+import seqppl as sp
+
+from . import oracles
+
+
+@pytest.fixture(autouse=True)
+def allow_rank_promotion():
+    """Flax layers add biases by NumPy rank promotion, which the suite otherwise forbids."""
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+def _count(module):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize(
+    "sizes, expected", [((2, 2, 16, 16), 3_633), ((3, 4, 64, 64), 76_609)], ids=["n2", "n3"]
+)
+def test_transformer_ebm_parameter_counts_match_the_paper(sizes, expected):
+    layers, heads, dim, mlp = sizes
+    ebm = TransformerEBM(8, 5, layers, heads, dim, mlp, rngs=nnx.Rngs(0))  # V = 8, T = 4
+    assert _count(ebm) == expected
+
+
+SPACE = sp.SequenceSpace(vocab_size=3, length=4, eos=True)  # A = 4, T = 5
+PROMPT = jnp.array([[0, 2], [1, 1]])
+
+
+def _models(dtype=jnp.float64):
+    A, T = SPACE.num_actions, SPACE.horizon
+    return {
+        "transformer": TransformerARM(A, T + 2, 2, 2, 8, 8, rngs=nnx.Rngs(1), dtype=dtype),
+        "gru": GRU(A, 8, rngs=nnx.Rngs(2)),
+        "ngram": NGram(SPACE, 2, rngs=nnx.Rngs(3), init_scale=1.0),
+    }
+
+
+@pytest.mark.parametrize("name", ["transformer", "gru", "ngram"])
+def test_log_prob_equals_cached_step_probabilities_and_sums_to_one(name):
+    module = _models()[name]
+    arm = sp.ARM.from_nnx(module, SPACE, PROMPT)
+    y, (steps,) = arm.sample_with_intermediates(jax.random.key(0), (40,))  # cached decoding
+    tol = 1e-9 if name == "transformer" else 1e-5  # GRU and n-gram parameters are float32
+    np.testing.assert_allclose(arm.log_prob(y), steps.sum(-1), rtol=tol, atol=tol)
+    seqs = jnp.asarray(SPACE.enumerate())[:, None, :]
+    log_p = arm.log_prob(seqs)
+    np.testing.assert_allclose(jax.scipy.special.logsumexp(log_p, 0), 0.0, atol=tol)
+    # cached and uncached (re-evaluation) sampling: the same sequences for the same key
+    plain = sp.ARM(lambda t, prompt: module(t, prompt=prompt), SPACE, PROMPT)
+    np.testing.assert_array_equal(plain.sample(jax.random.key(0), (40,)), y)
+
+
+def test_transformer_is_causal():
+    module = _models()["transformer"]
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.integers(0, 3, size=(6, SPACE.horizon)))
+    base = module(y)
+    for t in range(SPACE.horizon):
+        changed = y.at[:, t].set((y[:, t] + 1) % 3)
+        logits = module(changed)
+        np.testing.assert_array_equal(logits[:, : t + 1], base[:, : t + 1])
+        assert not np.allclose(logits[:, t + 1 :], base[:, t + 1 :]) or t == SPACE.horizon - 1
+
+
+def test_transformer_ebm_rewards_and_exact_normaliser():
+    space = sp.SequenceSpace(vocab_size=3, length=3, eos=False)
+    module = TransformerEBM(3, 4, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    ebm = sp.EBM.from_nnx(module, space)
+    seqs = jnp.asarray(space.enumerate())
+    rewards = ebm.unnormalized_log_prob(seqs)
+    np.testing.assert_allclose(rewards, module(seqs), rtol=1e-12)
+    np.testing.assert_allclose(ebm.log_partition(), oracles.logsumexp_np(rewards), rtol=1e-10)
+    grads = jax.grad(lambda p: ebm.with_params(p).log_prob(seqs[0]))(ebm.params)
+    assert jax.tree.structure(grads) == jax.tree.structure(ebm.params)
+
+
+def test_ngram_exact_arm_is_the_same_distribution():
+    module = _models()["ngram"]
+    arm = sp.ARM.from_nnx(module, SPACE, PROMPT)
+    table_arm = exact_arm(module, PROMPT)
+    seqs = jnp.asarray(SPACE.enumerate())[:, None, :]
+    np.testing.assert_allclose(arm.log_prob(seqs), table_arm.log_prob(seqs), atol=1e-6)
+    assert table_arm.entropy().shape == (2,)

@@ -1,0 +1,143 @@
+"""fit: exact-risk and minibatch likelihood training, schedules, checkpoints, resume, Ctrl-C."""
+
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import seqppl as sp
+from seqppl import train
+
+SPACE = sp.SequenceSpace(vocab_size=2, length=3, eos=False)  # 8 sequences
+TREE = sp.Lattice.prefix_tree(SPACE)
+LOG_RHO = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(0).standard_normal(8)) * 1.5)
+ENTROPY = float(-(jnp.exp(LOG_RHO) * LOG_RHO).sum())
+
+
+def _tabular(kind):
+    table = jnp.zeros((SPACE.horizon, TREE.num_states, SPACE.num_actions))
+    return sp.ARM.from_table(TREE, table) if kind == "arm" else sp.EBM.from_table(TREE, table)
+
+
+@pytest.mark.parametrize("kind", ["arm", "ebm"])
+def test_exact_risk_training_reaches_the_entropy(kind):
+    trained, history = train.fit(
+        _tabular(kind),
+        target=LOG_RHO,
+        steps=400,
+        key=jax.random.key(0),
+        learning_rate=0.1,
+        progress=False,
+    )
+    risk = float(train.exact_risk(trained, LOG_RHO))
+    assert 0 <= risk - ENTROPY < 1e-3, risk - ENTROPY
+    assert history["loss"][0] > history["loss"][-1] and history["step"][-1] == 399
+
+
+def test_exact_risk_matches_enumeration():
+    arm = sp.ARM.from_table(TREE, jnp.asarray(np.random.default_rng(1).standard_normal((3, 7, 2))))
+    seqs = jnp.asarray(SPACE.enumerate())
+    expected = -float((jnp.exp(LOG_RHO) * arm.log_prob(seqs)).sum())
+    np.testing.assert_allclose(train.exact_risk(arm, LOG_RHO), expected, rtol=1e-12)
+    np.testing.assert_allclose(train.exact_risk(sp.to_ebm(arm), LOG_RHO), expected, rtol=1e-10)
+
+
+def test_minibatch_training_fits_the_data():
+    truth = sp.ARM.from_table(
+        TREE, jnp.asarray(np.random.default_rng(2).standard_normal((3, 7, 2)))
+    )
+    data = truth.sample(jax.random.key(1), (2000,))
+    trained, history = train.fit(
+        _tabular("arm"),
+        data,
+        steps=300,
+        batch_size=128,
+        key=jax.random.key(2),
+        learning_rate=0.1,
+        progress=False,
+    )
+    nll = -float(trained.log_prob(data).mean())
+    counts = np.unique(np.asarray(data), axis=0, return_counts=True)[1]
+    empirical_entropy = -float(np.sum(counts / 2000 * np.log(counts / 2000)))
+    assert nll - empirical_entropy < 0.01
+    assert len(history["step"]) == 31
+
+
+def test_trapezoid_schedule():
+    schedule = train.trapezoid_schedule(1e-2, 1000, warmup=100, decay=100)
+    values = np.array([schedule(i) for i in (0, 50, 100, 500, 900, 950, 1000)])
+    np.testing.assert_allclose(values, [0, 5e-3, 1e-2, 1e-2, 1e-2, 5e-3, 0], atol=1e-9)
+
+
+def _run(tmp_path, interrupt_at=None):
+    kwargs = dict(
+        target=LOG_RHO,
+        steps=60,
+        key=jax.random.key(0),
+        checkpoint_dir=tmp_path,
+        checkpoint_every=20,
+        progress=False,
+    )
+    if interrupt_at is None:
+        return train.fit(_tabular("arm"), **kwargs)
+
+    real = train.tqdm
+
+    class Interrupting(real):  # Ctrl-C arrives right after step ``interrupt_at`` finishes
+        done = 0
+
+        def update(self, n=1):
+            super().update(n)
+            Interrupting.done += n
+            if Interrupting.done == interrupt_at:
+                raise KeyboardInterrupt
+
+    with mock.patch.object(train, "tqdm", Interrupting), pytest.raises(KeyboardInterrupt):
+        train.fit(_tabular("arm"), **kwargs)
+
+
+def test_interrupt_then_resume_is_bit_identical(tmp_path):
+    straight, history = _run(tmp_path / "straight")
+    _run(tmp_path / "resumed", interrupt_at=33)  # Ctrl-C after step 33: checkpoint at 33
+    state = train._load(tmp_path / "resumed" / train.CHECKPOINT_NAME, mock.ANY)
+    assert state["step"] == 33 and state["history"]["step"][-1] == 30
+    resumed, resumed_history = _run(tmp_path / "resumed")
+    np.testing.assert_array_equal(np.asarray(resumed.params), np.asarray(straight.params))
+    for name in history:
+        np.testing.assert_array_equal(resumed_history[name], history[name])
+
+
+def test_corrupted_checkpoint_is_refused_and_the_previous_kept(tmp_path):
+    _run(tmp_path)
+    path = tmp_path / train.CHECKPOINT_NAME
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        _run(tmp_path)
+    assert path.with_suffix(".prev").exists()
+    other = sp.ARM.from_table(TREE, jnp.zeros((3, 7, 2)))
+    path.with_suffix(".prev").replace(path)
+    with pytest.raises(ValueError, match="another run"):
+        train.fit(
+            other,
+            target=LOG_RHO,
+            steps=61,
+            key=jax.random.key(0),
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+
+
+def test_bad_arguments():
+    arm = _tabular("arm")
+    with pytest.raises(ValueError, match="exactly one"):
+        train.fit(arm, steps=1, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="steps"):
+        train.fit(arm, target=LOG_RHO, steps=0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="data must be"):
+        train.fit(arm, jnp.zeros((4, 2), int), steps=1, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="target must"):
+        train.exact_risk(arm, jnp.zeros(3))
+    with pytest.raises(TypeError, match="ARM or an EBM"):
+        train.fit("arm", target=LOG_RHO, steps=1, key=jax.random.key(0))
