@@ -27,6 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from seqppl.distributions import ARM, EBM
+from seqppl.logspace import logsumexp
 from seqppl.space import MAX_ENUMERATE
 
 __all__ = ["fit", "trapezoid_schedule", "exact_risk", "CHECKPOINT_NAME"]
@@ -70,19 +71,20 @@ def exact_risk(dist, log_target) -> jax.Array:
     pad = chunks * RISK_CHUNK - seqs.shape[0]
     seqs = jnp.concatenate([seqs, jnp.broadcast_to(seqs[:1], (pad, seqs.shape[1]))])
     weights = jnp.exp(jnp.concatenate([log_target, jnp.full((pad,), -jnp.inf)]))
-    unnormalised = isinstance(dist, EBM)
+    blocks = seqs.reshape(chunks, RISK_CHUNK, -1)
+    if isinstance(dist, EBM) and not dist.is_lattice:
+        # one pass: the rewards of every sequence give both Σ ρ R and log Z = logsumexp R
+        rewards = jax.lax.map(dist.unnormalized_log_prob, blocks).reshape(-1)
+        rewards = jnp.where(jnp.arange(rewards.shape[0]) < seqs.shape[0] - pad, rewards, -jnp.inf)
+        return logsumexp(rewards, 0) - jnp.sum(jnp.where(weights > 0, weights * rewards, 0.0))
+    score = dist.unnormalized_log_prob if isinstance(dist, EBM) else dist.log_prob
 
     def chunk(args):
         block, w = args
-        scores = dist.unnormalized_log_prob(block) if unnormalised else dist.log_prob(block)
-        return -jnp.sum(jnp.where(w > 0, w * scores, 0.0))
+        return -jnp.sum(jnp.where(w > 0, w * score(block), 0.0))
 
-    risk = jnp.sum(
-        jax.lax.map(
-            chunk, (seqs.reshape(chunks, RISK_CHUNK, -1), weights.reshape(chunks, RISK_CHUNK))
-        )
-    )
-    return risk + dist.log_partition() if unnormalised else risk
+    risk = jnp.sum(jax.lax.map(chunk, (blocks, weights.reshape(chunks, RISK_CHUNK))))
+    return risk + dist.log_partition() if isinstance(dist, EBM) else risk
 
 
 def fit(
@@ -98,6 +100,7 @@ def fit(
     log_every: int = 10,
     checkpoint_dir=None,
     checkpoint_every: int = 500,
+    metrics=None,
     progress: bool = True,
 ):
     """Train ``dist.params`` by likelihood; returns ``(trained distribution, history)``.
@@ -115,11 +118,13 @@ def fit(
         log_every: steps between history entries (the last step is always logged).
         checkpoint_dir: where ``checkpoint.pkl`` is written every ``checkpoint_every`` steps and
             at the end; if it holds a checkpoint of this run, training resumes from it.
+        metrics: optional ``metrics(dist) -> {name: float}``, evaluated on the distribution
+            with the current parameters at every logged step (before that step's update).
         progress: show a tqdm bar with the loss.
 
     Returns:
         ``(dist.with_params(trained), history)`` with ``history`` a dict of numpy arrays
-        ``step`` and ``loss`` (the objective before that step's update).
+        ``step``, ``loss`` (the objective before that step's update) and one per metric.
 
     Raises:
         ValueError: bad arguments, or a checkpoint that is corrupted, truncated or from another run.
@@ -168,8 +173,11 @@ def fit(
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss} at step {step}")
             if step % log_every == 0 or step == steps - 1:
-                state["history"]["step"].append(step)
-                state["history"]["loss"].append(loss)
+                row = {"step": step, "loss": loss}
+                if metrics is not None:
+                    row.update(metrics(dist.with_params(state["params"])))
+                for name, value in row.items():
+                    state["history"].setdefault(name, []).append(float(value))
             state.update(step=step + 1, params=params, opt_state=opt_state)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
@@ -184,6 +192,7 @@ def fit(
     if path is not None:
         _save(path, state, fingerprint)
     history = {k: np.asarray(v) for k, v in state["history"].items()}
+    history["step"] = history["step"].astype(int)
     return dist.with_params(state["params"]), history
 
 
