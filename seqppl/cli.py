@@ -1,4 +1,5 @@
-"""The ``seqppl`` command line: ``demo`` (the main job on an embedded default) and ``info``.
+"""The ``seqppl`` command line: ``demo`` (the main job on an embedded default), ``reproduce``
+(the paper's exact-risk experiments) and ``info``.
 
 Bad arguments exit with status 2 and one line on stderr, never a traceback.
 """
@@ -22,6 +23,23 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqppl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,16 +52,55 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a smaller space (seconds)")
     demo.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the bigram")
+    from seqppl.models.paper import CONFIGS, TARGETS
+
+    reproduce = sub.add_parser(
+        "reproduce",
+        help="the paper's exact-risk experiments: teacher-forced ARM vs normalised EBM",
+        description="Trains the Transformer EBM on the exact risk over every sequence, keeps its "
+        "reward R*, trains the Transformer ARM and compares its logits with M(R*) at each logged "
+        "step (THEORY §5). Writes OUT/metrics.csv, OUT/panels.png and OUT/summary.md.",
+    )
+    reproduce.add_argument("--config", choices=sorted(CONFIGS), default="v8t4-n2")
+    reproduce.add_argument("--target", choices=TARGETS, default="zipf")
+    reproduce.add_argument("--steps", type=_positive_int, default=5000)
+    reproduce.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate")
+    reproduce.add_argument("--seed", type=_nonnegative_int, default=0)
+    reproduce.add_argument("--log-every", type=_positive_int, default=50)
+    reproduce.add_argument("--out", default="reproduction", help="output folder")
     sub.add_parser("info", help="versions, JAX devices and float precision")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "reproduce":
+        return _reproduce(parser, args)
     return _demo(quick=args.quick, seed=args.seed)
+
+
+def _reproduce(parser, args) -> int:
+    from pathlib import Path
+
+    from seqppl.models.paper import reproduce
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot write there ({error.strerror})")
+    result = reproduce(
+        args.config, args.target, args.steps, args.lr, args.seed, out, args.log_every
+    )
+    print((out / "summary.md").read_text())
+    print(f"metrics: {out / 'metrics.csv'}  plots: {out / 'panels.png'}")
+    return 0 if result["step"].size else 1
 
 
 def _info() -> int:
