@@ -101,6 +101,9 @@ def fit(
     checkpoint_dir=None,
     checkpoint_every: int = 500,
     metrics=None,
+    log_partition: str = "exact",
+    proposal=None,
+    num_samples: int = 256,
     progress: bool = True,
 ):
     """Train ``dist.params`` by likelihood; returns ``(trained distribution, history)``.
@@ -118,6 +121,13 @@ def fit(
         log_every: steps between history entries (the last step is always logged).
         checkpoint_dir: where ``checkpoint.pkl`` is written every ``checkpoint_every`` steps and
             at the end; if it holds a checkpoint of this run, training resumes from it.
+        log_partition: for an EBM on data, ``"exact"`` (DP or enumeration; an error when
+            neither applies) or ``"is"``: the approximate objective
+            ``−mean R(y) + log (1/S) Σ_i exp(R(ỹ_i) − log q(ỹ_i))`` with ``S = num_samples``
+            fresh draws ``ỹ ~ proposal`` per step (an ARM). It is biased (the log of an
+            unbiased estimate, too low by about ``Var/(2 Z²)``); its gradient is the
+            self-normalised importance-sampling estimate of ``E_p[∇R] − mean ∇R(y)``.
+        proposal, num_samples: the importance-sampling proposal ARM and sample size.
         metrics: optional ``metrics(dist) -> {name: float}``, evaluated on the distribution
             with the current parameters at every logged step (before that step's update).
         progress: show a tqdm bar with the loss.
@@ -143,9 +153,11 @@ def fit(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if dist.params is None:
         raise ValueError("dist has no params to train (give params= or use from_table/from_nnx)")
-    loss_fn = (
-        _data_loss(dist, data, batch_size, key) if target is None else _risk_loss(dist, target)
-    )
+    if target is None:
+        log_z = _log_partition_fn(dist, log_partition, proposal, num_samples, key)
+        loss_fn = _data_loss(dist, data, batch_size, key, log_z)
+    else:
+        loss_fn = _risk_loss(dist, target)
     optimizer = optimizer or optax.adam(trapezoid_schedule(learning_rate, steps))
 
     @jax.jit
@@ -196,7 +208,34 @@ def fit(
     return dist.with_params(state["params"]), history
 
 
-def _data_loss(dist, data, batch_size, key):
+def _log_partition_fn(dist, method, proposal, num_samples, key):
+    """``(model, step) -> log Z`` for the data objective of an EBM (None for an ARM)."""
+    if isinstance(dist, ARM):
+        return None
+    if method == "exact":
+        if not (dist.is_lattice or dist.space.num_sequences <= MAX_ENUMERATE):
+            raise ValueError(
+                "this EBM has no exact log Z (not a lattice, space too large to enumerate): "
+                "train it with log_partition='is' and proposal=an ARM"
+            )
+        return lambda model, step: model.log_partition()
+    if method != "is":
+        raise ValueError(f"log_partition must be 'exact' or 'is', got {method!r}")
+    if not isinstance(proposal, ARM) or proposal.space != dist.space:
+        raise ValueError("log_partition='is' needs proposal=an ARM over the same space")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+
+    def log_z(model, step):
+        draw_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+        ys, (steps,) = proposal.sample_with_intermediates(draw_key, (num_samples,))
+        log_w = model.unnormalized_log_prob(ys) - jax.lax.stop_gradient(steps.sum(-1))
+        return logsumexp(log_w, 0) - jnp.log(num_samples)
+
+    return log_z
+
+
+def _data_loss(dist, data, batch_size, key, log_z):
     data = jnp.asarray(data)
     if data.ndim != 2 or data.shape[-1] != dist.space.horizon:
         raise ValueError(f"data must be int [N, {dist.space.horizon}], got shape {data.shape}")
@@ -204,7 +243,10 @@ def _data_loss(dist, data, batch_size, key):
 
     def loss(params, step):
         index = jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, data.shape[0])
-        return -jnp.mean(dist.with_params(params).log_prob(data[index]))
+        model = dist.with_params(params)
+        if log_z is None:
+            return -jnp.mean(model.log_prob(data[index]))
+        return log_z(model, step) - jnp.mean(model.unnormalized_log_prob(data[index]))
 
     return loss
 

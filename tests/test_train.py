@@ -171,3 +171,27 @@ def test_proposition_2_optimal_arm_is_m_of_optimal_ebm():
     # and the optimum is ρ itself (function-space optimality of teacher forcing)
     seqs = jnp.asarray(SPACE.enumerate())
     np.testing.assert_allclose(arm.log_prob(seqs), LOG_RHO, atol=2e-2)
+
+
+def test_importance_sampled_ebm_objective_approaches_the_exact_fit():
+    truth = sp.ARM.from_table(
+        TREE, jnp.asarray(np.random.default_rng(3).standard_normal((3, 7, 2)))
+    )
+    data = truth.sample(jax.random.key(4), (3000,))
+    kwargs = dict(
+        steps=300, batch_size=256, key=jax.random.key(5), learning_rate=0.05, progress=False
+    )
+    exact, _ = train.fit(_tabular("ebm"), data, **kwargs)
+    uniform = sp.ARM.from_table(TREE, jnp.zeros((3, 7, 2)))
+    approx, history = train.fit(
+        _tabular("ebm"), data, log_partition="is", proposal=uniform, num_samples=512, **kwargs
+    )
+    seqs = jnp.asarray(SPACE.enumerate())
+    p_exact, p_approx = np.exp(exact.log_prob(seqs)), np.exp(approx.log_prob(seqs))
+    tv = 0.5 * np.abs(p_exact - p_approx).sum()
+    assert tv < 0.03, tv
+    with pytest.raises(ValueError, match="proposal"):
+        train.fit(_tabular("ebm"), data, log_partition="is", **kwargs)
+    huge = sp.EBM(lambda y: jnp.zeros(y.shape[:-1]), sp.SequenceSpace(50, 8), params=jnp.zeros(()))
+    with pytest.raises(ValueError, match="log_partition='is'"):
+        train.fit(huge, jnp.zeros((3, 8), int), **kwargs)
