@@ -28,7 +28,7 @@ def number_after(label: str, text: str) -> float:
 
 
 def test_every_example_is_covered_here():
-    tested = {"quickstart.py", "bayesian_tilt.py"}
+    tested = {"quickstart.py", "bayesian_tilt.py", "bayesian_ngram.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -49,3 +49,14 @@ def test_bayesian_tilt():
     assert abs(means[0] - 0.7) < 0.3
     ranking = [line.split()[0] for line in text.split("model comparison")[1].splitlines()[2:5]]
     assert ranking[-1] == "wrong", ranking
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bayesian_ngram():
+    text = run_example("bayesian_ngram.py")
+    assert number_after("max r_hat", text) < 1.05
+    assert number_after("max |posterior mean SVI - NUTS| =", text) < 0.5
+    nuts = number_after("NUTS posterior predictive", text)
+    mle = number_after("maximum likelihood (sp.fit)", text)
+    truth = number_after("true bigram", text)
+    assert mle < nuts < truth  # 80 sequences: the posterior predictive beats the plug-in MLE

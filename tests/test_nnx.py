@@ -137,10 +137,10 @@ def test_random_nnx_module_parameters_are_nuts_sites():
     mcmc = MCMC(NUTS(model), num_warmup=150, num_samples=150, progress_bar=False)
     mcmc.run(jax.random.key(0), y)
     samples = mcmc.get_samples()
-    assert set(samples) == {"lm/table"} and samples["lm/table"].shape == (150, 4, 3)
+    assert set(samples) == {"lm.table"} and samples["lm.table"].shape == (150, 4, 3)
     # the log density at a posterior draw equals prior + ARM.from_nnx likelihood at that draw
     draw = jax.tree.map(lambda s: s[-1], samples)
     joint, _ = log_density(model, (y,), {}, draw)
-    arm = sp.ARM.from_nnx(module, SPACE, params={"table": draw["lm/table"]})
-    prior = dist.Normal(0.0, 2.0).log_prob(draw["lm/table"]).sum()
+    arm = sp.ARM.from_nnx(module, SPACE, params={"table": draw["lm.table"]})
+    prior = dist.Normal(0.0, 2.0).log_prob(draw["lm.table"]).sum()
     np.testing.assert_allclose(joint, prior + arm.log_prob(y).sum(), rtol=1e-6)

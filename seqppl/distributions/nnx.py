@@ -78,7 +78,9 @@ def nnx_arm(name: str, module: nnx.Module, space, prompt=None, *, prior=None, **
     With ``prior=None`` the parameters are a ``numpyro.param`` site ``f"{name}$params"``
     (``numpyro.contrib.module.nnx_module``: SVI optimises them); with ``prior`` (a distribution,
     a dict of distributions, or ``(name, shape) -> distribution``) each parameter is a
-    ``sample`` site under the scope ``name`` (``random_nnx_module``: NUTS or SVI infer them).
+    ``sample`` site ``f"{name}.{path}"`` (``random_nnx_module``: NUTS or SVI infer them). The
+    scope divider is ``"."``, not NumPyro's default ``"/"``: ArviZ 1.x stores posteriors in an
+    ``xarray.DataTree``, which refuses variable names containing ``"/"``.
     Extra keywords go to ``ARM.from_nnx``.
 
     Example:
@@ -102,7 +104,9 @@ def nnx_arm(name: str, module: nnx.Module, space, prompt=None, *, prior=None, **
     from seqppl.distributions.arm import ARM
 
     registered = (
-        nnx_module(name, module) if prior is None else random_nnx_module(name, module, prior)
+        nnx_module(name, module)
+        if prior is None
+        else random_nnx_module(name, module, prior, scope_divider=".")
     )
     # Both return ``partial(apply_fn, params, ...)``: the registered (or sampled) pure dict.
     return ARM.from_nnx(module, space, prompt, params=registered.args[0], **kwargs)
