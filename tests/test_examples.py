@@ -28,7 +28,7 @@ def number_after(label: str, text: str) -> float:
 
 
 def test_every_example_is_covered_here():
-    tested = {"quickstart.py", "bayesian_tilt.py", "bayesian_ngram.py"}
+    tested = {"quickstart.py", "bayesian_tilt.py", "bayesian_ngram.py", "stdlib_charlm.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -60,3 +60,11 @@ def test_bayesian_ngram():
     mle = number_after("maximum likelihood (sp.fit)", text)
     truth = number_after("true bigram", text)
     assert mle < nuts < truth  # 80 sequences: the posterior predictive beats the plug-in MLE
+
+
+def test_stdlib_charlm():
+    text = run_example("stdlib_charlm.py")
+    unigram = number_after("unigram (counts)        held-out bits/char:", text)
+    trigram = number_after("trigram (Markov(2))     held-out bits/char:", text)
+    transformer = number_after("transformer N=2 D=64    held-out bits/char:", text)
+    assert 4.0 < unigram < 5.5 and trigram < unigram - 1.0 and transformer < unigram

@@ -93,3 +93,16 @@ def test_ngram_exact_arm_is_the_same_distribution():
     seqs = jnp.asarray(SPACE.enumerate())[:, None, :]
     np.testing.assert_allclose(arm.log_prob(seqs), table_arm.log_prob(seqs), atol=1e-6)
     assert table_arm.entropy().shape == (2,)
+
+
+def test_stdlib_corpus_is_deterministic_and_round_trips():
+    from seqppl.models.corpus import ALPHABET, decode, encode, stdlib_docstrings, windows
+
+    train_a, heldout_a = stdlib_docstrings(max_files=40)
+    train_b, heldout_b = stdlib_docstrings(max_files=40)
+    assert train_a == train_b and heldout_a == heldout_b and len(train_a) > 1000
+    ids = encode(train_a[:5000])
+    assert ids.max() < len(ALPHABET) == 96
+    assert decode(encode("def f(x):\n    return x")) == "def f(x):\n    return x"
+    assert decode(encode("café")) == "caf?"
+    assert windows(ids, 64).shape == (len(ids) // 64, 64)

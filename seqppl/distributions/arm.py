@@ -24,7 +24,7 @@ from seqppl.distributions.support import (
     map_over_batch,
 )
 from seqppl.lattice import Lattice
-from seqppl.logspace import log_softmax
+from seqppl.logspace import log_softmax, logsumexp
 from seqppl.space import SequenceSpace
 
 __all__ = ["ARM"]
@@ -162,11 +162,27 @@ class ARM(Distribution):
             return jnp.full(value.shape[:-1], -jnp.inf)
         ok = self.support(value)
         safe = jnp.where(ok[..., None], value, self.support.feasible_like(value)).astype(jnp.int32)
-        if self.lattice is not None:
+        if self.lattice is not None and jnp.ndim(self.params) == 2:
+            log_p = self._homogeneous_log_prob(safe)
+        elif self.lattice is not None:
             log_p = self.lattice.path_scores(self.log_policy_table(), safe, self.prompt).sum(-1)
         else:
             log_p = _sequence_log_prob(self.logits(safe), safe, self.space)
         return jnp.where(jnp.broadcast_to(ok, log_p.shape), log_p, -jnp.inf)
+
+    def _homogeneous_log_prob(self, tokens):
+        """``Σ_t q[s_t, y_t] − logsumexp q[s_t, ·]`` for an ``[S, A]`` table, normalising the
+        ``S`` rows once instead of a ``[T, S, A]`` copy. At the last decision of an EOS space
+        only EOS is allowed: a well-formed sequence (``tokens`` is) takes it with probability 1.
+        """
+        q = jnp.asarray(self.params)
+        states = self.lattice.states(tokens, self.prompt)
+        steps = q[states, tokens] - logsumexp(q, -1)[states]
+        if self.space.eos:  # EOS forced: log 1, or −∞ if the table forbids it there
+            last = q[states[..., -1], self.space.eos_id]
+            steps = steps.at[..., -1].set(jnp.where(last == -jnp.inf, -jnp.inf, 0.0))
+        active = jnp.broadcast_to(self.space.active(tokens), steps.shape)
+        return jnp.sum(jnp.where(active, steps, 0), -1)
 
     def sample_with_intermediates(self, key, sample_shape=()):
         """``(tokens [*sample, *batch, T], [step log-probs [*sample, *batch, T]])``."""
