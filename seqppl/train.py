@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import time
 from pathlib import Path
 
 import jax
@@ -134,7 +135,9 @@ def fit(
 
     Returns:
         ``(dist.with_params(trained), history)`` with ``history`` a dict of numpy arrays
-        ``step``, ``loss`` (the objective before that step's update) and one per metric.
+        ``step``, ``loss`` (the objective before that step's update), ``seconds`` (wall time
+        since this call started, after the step; the first includes compilation) and one per
+        metric.
 
     Raises:
         ValueError: bad arguments, or a checkpoint that is corrupted, truncated or from another run.
@@ -177,6 +180,7 @@ def fit(
     if path is not None and path.exists():
         state = _load(path, fingerprint)
     bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc="fit")
+    started = time.perf_counter()
     try:
         while state["step"] < steps:
             step = state["step"]
@@ -185,7 +189,7 @@ def fit(
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss} at step {step}")
             if step % log_every == 0 or step == steps - 1:
-                row = {"step": step, "loss": loss}
+                row = {"step": step, "loss": loss, "seconds": time.perf_counter() - started}
                 if metrics is not None:
                     row.update(metrics(dist.with_params(state["params"])))
                 for name, value in row.items():

@@ -105,7 +105,7 @@ def test_interrupt_then_resume_is_bit_identical(tmp_path):
     assert state["step"] == 33 and state["history"]["step"][-1] == 30
     resumed, resumed_history = _run(tmp_path / "resumed")
     np.testing.assert_array_equal(np.asarray(resumed.params), np.asarray(straight.params))
-    for name in history:
+    for name in ("step", "loss"):  # ("seconds" is wall time)
         np.testing.assert_array_equal(resumed_history[name], history[name])
 
 
