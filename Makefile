@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/seqppl demo
 
+# Two workers (pytest-xdist): most of the suite is single-threaded tracing and compilation.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 test-all: $(STAMP)
-	HYPOTHESIS_PROFILE=full $(PY) -m pytest -q
+	HYPOTHESIS_PROFILE=full $(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check seqppl models tests examples benchmarks
