@@ -53,13 +53,18 @@ ZIPF_EXPONENT = 1.15
 NORMAL_TEMPERATURE = 0.1
 
 
-def paper_target(space: sp.SequenceSpace, target: str, seed: int = 0) -> jax.Array:
+def paper_target(
+    space: sp.SequenceSpace, target: str, seed: int = 0, zipf_order: str = "random"
+) -> jax.Array:
     """``log ρ`` ``[N]`` over ``space.enumerate()``: ``"zipf"`` (``ρ ∝ rank^-1.15``, ranks a
-    seeded permutation) or ``"normal"`` (``softmax(z / 0.1)``, ``z ~ N(0, I)`` seeded)."""
+    seeded permutation, THEORY §5, or with ``zipf_order="lexicographic"`` the enumeration
+    order) or ``"normal"`` (``softmax(z / 0.1)``, ``z ~ N(0, I)`` seeded)."""
     n = space.num_sequences
     rng = np.random.default_rng(seed)
+    if zipf_order not in ("random", "lexicographic"):
+        raise ValueError(f"zipf_order must be 'random' or 'lexicographic', got {zipf_order!r}")
     if target == "zipf":
-        ranks = rng.permutation(n) + 1
+        ranks = rng.permutation(n) + 1 if zipf_order == "random" else np.arange(n) + 1
         logits = -ZIPF_EXPONENT * np.log(ranks)
     elif target == "normal":
         logits = rng.standard_normal(n) / NORMAL_TEMPERATURE
@@ -104,6 +109,7 @@ def reproduce(
     out=None,
     log_every: int = 50,
     progress: bool = True,
+    zipf_order: str = "random",
 ) -> dict:
     """Run one configuration/target pair; returns the metrics as a dict of arrays ``METRICS``.
 
@@ -116,7 +122,7 @@ def reproduce(
         raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {config!r}")
     cfg = CONFIGS[config]
     space = sp.SequenceSpace(cfg.vocab_size, cfg.length, eos=False)
-    log_rho = paper_target(space, target, seed)
+    log_rho = paper_target(space, target, seed, zipf_order)
     entropy = float(-(jnp.exp(log_rho) * log_rho).sum())
     sizes = (cfg.layers, cfg.heads, cfg.dim, cfg.mlp_dim)
     key = jax.random.key(seed)

@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate")
     reproduce.add_argument("--seed", type=_nonnegative_int, default=0)
     reproduce.add_argument("--log-every", type=_positive_int, default=50)
+    reproduce.add_argument(
+        "--zipf-order",
+        choices=("random", "lexicographic"),
+        default="random",
+        help="ranks of the Zipf target: a seeded permutation (THEORY §5) or enumeration order",
+    )
     reproduce.add_argument("--out", default="reproduction", help="output folder")
     sub.add_parser("info", help="versions, JAX devices and float precision")
     return parser
@@ -96,7 +102,14 @@ def _reproduce(parser, args) -> int:
     except OSError as error:
         parser.error(f"--out {args.out}: cannot write there ({error.strerror})")
     result = reproduce(
-        args.config, args.target, args.steps, args.lr, args.seed, out, args.log_every
+        args.config,
+        args.target,
+        args.steps,
+        args.lr,
+        args.seed,
+        out,
+        args.log_every,
+        zipf_order=args.zipf_order,
     )
     print((out / "summary.md").read_text())
     print(f"metrics: {out / 'metrics.csv'}  plots: {out / 'panels.png'}")

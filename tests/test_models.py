@@ -106,3 +106,19 @@ def test_stdlib_corpus_is_deterministic_and_round_trips():
     assert decode(encode("def f(x):\n    return x")) == "def f(x):\n    return x"
     assert decode(encode("café")) == "caf?"
     assert windows(ids, 64).shape == (len(ids) // 64, 64)
+
+
+def test_paper_targets():
+    from seqppl.models.paper import paper_target
+
+    space = sp.SequenceSpace(vocab_size=4, length=3, eos=False)
+    for target in ("zipf", "normal"):
+        log_rho = paper_target(space, target, seed=1)
+        assert log_rho.shape == (64,) and abs(float(jax.scipy.special.logsumexp(log_rho))) < 1e-5
+        np.testing.assert_array_equal(log_rho, paper_target(space, target, seed=1))
+    lexicographic = paper_target(space, "zipf", zipf_order="lexicographic")
+    assert np.all(np.diff(np.asarray(lexicographic)) < 0)  # ρ decreases along the enumeration
+    random_order = np.asarray(paper_target(space, "zipf", seed=1))
+    np.testing.assert_allclose(np.sort(random_order)[::-1], lexicographic, rtol=1e-6)
+    with pytest.raises(ValueError, match="zipf_order"):
+        paper_target(space, "zipf", zipf_order="sorted")
