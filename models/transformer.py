@@ -75,15 +75,32 @@ class Block(nnx.Module):
 
 
 class _Trunk(nnx.Module):
-    """Embeddings and blocks shared by the ARM and the EBM."""
+    """Embeddings, blocks and a linear head shared by the ARM and the EBM (the subclass names
+    the head's width: ``A`` logits or one reward)."""
 
-    def __init__(self, num_actions, max_len, layers, heads, dim, mlp_dim, rngs, dtype):
+    def _head_features(self, num_actions: int) -> int:
+        raise NotImplementedError
+
+    def __init__(
+        self,
+        num_actions,
+        max_len,
+        layers=2,
+        heads=2,
+        dim=16,
+        mlp_dim=16,
+        *,
+        rngs,
+        dtype=jnp.float32,
+    ):
         self.num_actions, self.max_len = num_actions, max_len
         self.embed = nnx.Embed(num_actions + 1, dim, rngs=rngs, dtype=dtype, param_dtype=dtype)
         self.positions = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim), dtype))
         self.blocks = nnx.List(
             [Block(dim, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(layers)]
         )
+        features = self._head_features(num_actions)
+        self.head = nnx.Linear(dim, features, rngs=rngs, dtype=dtype, param_dtype=dtype)
 
     def _inputs(self, tokens, prompt):
         """``[BOS, prompt, tokens]`` ``[..., L]``, with the prompt broadcast to the batch."""
@@ -91,8 +108,7 @@ class _Trunk(nnx.Module):
         if prompt is not None:
             prompt = jnp.asarray(prompt, tokens.dtype)
             batch = jnp.broadcast_shapes(prompt.shape[:-1], tokens.shape[:-1])
-            pieces = [jnp.broadcast_to(prompt, (*batch, prompt.shape[-1])), tokens]
-            pieces[1] = jnp.broadcast_to(tokens, (*batch, tokens.shape[-1]))
+            pieces = [jnp.broadcast_to(x, (*batch, x.shape[-1])) for x in (prompt, tokens)]
         bos = jnp.full((*pieces[-1].shape[:-1], 1), self.num_actions, tokens.dtype)
         ids = jnp.concatenate([bos, *pieces], axis=-1)
         if ids.shape[-1] > self.max_len:
@@ -119,20 +135,8 @@ class TransformerARM(_Trunk):
     Use with ``seqppl.ARM.from_nnx(model, space)``: ``sample`` then runs ``init``/``step``.
     """
 
-    def __init__(
-        self,
-        num_actions,
-        max_len,
-        layers=2,
-        heads=2,
-        dim=16,
-        mlp_dim=16,
-        *,
-        rngs,
-        dtype=jnp.float32,
-    ):
-        super().__init__(num_actions, max_len, layers, heads, dim, mlp_dim, rngs, dtype)
-        self.head = nnx.Linear(dim, num_actions, rngs=rngs, dtype=dtype, param_dtype=dtype)
+    def _head_features(self, num_actions):
+        return num_actions
 
     def __call__(self, tokens, prompt=None):
         """Logits ``[..., T, A]``: entry t reads BOS, the prompt and ``tokens[..., :t]``."""
@@ -180,20 +184,8 @@ class TransformerEBM(_Trunk):
     Use with ``seqppl.EBM.from_nnx(model, space)``.
     """
 
-    def __init__(
-        self,
-        num_actions,
-        max_len,
-        layers=2,
-        heads=2,
-        dim=16,
-        mlp_dim=16,
-        *,
-        rngs,
-        dtype=jnp.float32,
-    ):
-        super().__init__(num_actions, max_len, layers, heads, dim, mlp_dim, rngs, dtype)
-        self.head = nnx.Linear(dim, 1, rngs=rngs, dtype=dtype, param_dtype=dtype)
+    def _head_features(self, num_actions):
+        return 1
 
     def __call__(self, tokens, prompt=None):
         """The sequence reward ``[...]``."""
