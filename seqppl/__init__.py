@@ -5,9 +5,12 @@ computed exactly by dynamic programming on finite-state lattices.
 """
 
 from seqppl.bellman import inverse_soft_bellman, occupancy, path_rewards, soft_bellman, soft_values
+from seqppl.diagnostics import EstimateWarning
 from seqppl.distributions import ARM, EBM, SequenceSupport, nnx_arm, to_arm, to_ebm
+from seqppl.estimate import PartitionEstimate
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 from seqppl.logspace import log_softmax, logsumexp, softmax
+from seqppl.partition import log_partition
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
 from seqppl.train import fit
 
@@ -33,4 +36,7 @@ __all__ = [
     "log_softmax",
     "softmax",
     "fit",
+    "log_partition",
+    "PartitionEstimate",
+    "EstimateWarning",
 ]

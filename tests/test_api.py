@@ -26,6 +26,9 @@ DESIGN_NAMES = [
     "to_arm",
     "to_ebm",
     "nnx_arm",
+    "fit",
+    "log_partition",
+    "PartitionEstimate",
 ]
 MODULES = sorted(
     m.name

@@ -28,7 +28,13 @@ def number_after(label: str, text: str) -> float:
 
 
 def test_every_example_is_covered_here():
-    tested = {"quickstart.py", "bayesian_tilt.py", "bayesian_ngram.py", "stdlib_charlm.py"}
+    tested = {
+        "quickstart.py",
+        "bayesian_tilt.py",
+        "bayesian_ngram.py",
+        "stdlib_charlm.py",
+        "partition_estimation.py",
+    }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -68,3 +74,14 @@ def test_stdlib_charlm():
     trigram = number_after("trigram (Markov(2))     held-out bits/char:", text)
     transformer = number_after("transformer N=2 D=64    held-out bits/char:", text)
     assert 4.0 < unigram < 5.5 and trigram < unigram - 1.0 and transformer < unigram
+
+
+def test_partition_estimation():
+    text = run_example("partition_estimation.py")
+    exact = number_after("exact log Z =", text)
+    for name in ("IS, bigram proposal", "SMC, no twist", "SMC, exact twist"):
+        line = next(line for line in text.splitlines() if line.startswith(name))
+        log_z, stderr, z_score = (float(v) for v in line[len(name) :].split()[:3])
+        assert abs(z_score) <= 4 and abs(log_z - exact) <= 4 * stderr, line
+    assert number_after("k-hat =", text) > 0.7 and "EstimateWarning: " in text
+    assert number_after("|IS - SMC| / combined stderr =", text) <= 4

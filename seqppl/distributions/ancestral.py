@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from seqppl.logspace import log_softmax
 from seqppl.space import SequenceSpace
 
-__all__ = ["ancestral_sample"]
+__all__ = ["ancestral_sample", "draw_step"]
 
 
 def ancestral_sample(key, shape, space: SequenceSpace, state, next_logits, advance):
@@ -27,26 +27,33 @@ def ancestral_sample(key, shape, space: SequenceSpace, state, next_logits, advan
         next_logits: ``(state, t) -> float [*shape, A]``, the logits of decision ``t``.
         advance: ``(state, token [*shape], t) -> state``.
     """
-    T, A = space.horizon, space.num_actions
-    eos = space.eos_id if space.eos else -1
-    last_mask = jnp.asarray(space.action_mask()[-1])
+    T, eos = space.horizon, (space.eos_id if space.eos else -1)
 
     def body(carry, inputs):
         state, done = carry
         t, step_key = inputs
-        logits = next_logits(state, t)
-        allowed = jnp.where(t == T - 1, last_mask, jnp.ones((A,), bool))
-        log_p = log_softmax(jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf))
-        token = _inverse_cdf(step_key, log_p)
-        token = jnp.where(done, eos, token)
-        step_log_p = jnp.take_along_axis(log_p, token[..., None], axis=-1)[..., 0]
-        step_log_p = jnp.where(done, jnp.zeros_like(step_log_p), step_log_p)
+        token, step_log_p = draw_step(step_key, next_logits(state, t), t, done, space)
         return (advance(state, token, t), done | (token == eos)), (token, step_log_p)
 
     keys = jax.random.split(key, T)
     done = jnp.zeros(shape, bool)
     _, (tokens, log_ps) = jax.lax.scan(body, (state, done), (jnp.arange(T), keys))
     return jnp.moveaxis(tokens, 0, -1), jnp.moveaxis(log_ps, 0, -1)
+
+
+def draw_step(key, logits, t, done, space: SequenceSpace):
+    """One decision of every sequence: ``(token [*shape], log π(token) [*shape])``.
+
+    ``logits [*shape, A]`` are masked for decision ``t`` (only EOS may end a variable-length
+    space) and normalised; sequences already ``done`` (after EOS) get EOS with log-prob 0.
+    """
+    T, A = space.horizon, space.num_actions
+    eos = space.eos_id if space.eos else -1
+    allowed = jnp.where(t == T - 1, jnp.asarray(space.action_mask()[-1]), jnp.ones((A,), bool))
+    log_p = log_softmax(jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf))
+    token = jnp.where(done, eos, _inverse_cdf(key, log_p))
+    step_log_p = jnp.take_along_axis(log_p, token[..., None], axis=-1)[..., 0]
+    return token, jnp.where(done, jnp.zeros_like(step_log_p), step_log_p)
 
 
 def _inverse_cdf(key, log_p):

@@ -187,34 +187,30 @@ class ARM(Distribution):
     def sample_with_intermediates(self, key, sample_shape=()):
         """``(tokens [*sample, *batch, T], [step log-probs [*sample, *batch, T]])``."""
         shape = tuple(sample_shape) + self.batch_shape
+        tokens, log_ps = ancestral_sample(key, shape, self.space, *self.decoder(shape))
+        return tokens, [log_ps]
+
+    def decoder(self, shape):
+        """``(state, next_logits(state, t) -> [*shape, A], advance(state, token, t) -> state)``
+        for decoding ``shape`` sequences (``shape`` ends with ``batch_shape``).
+
+        Raw (unmasked) logits; the state is the lattice state for table ARMs, the cached-step
+        state when ``logits_fn`` has ``init``/``step``, else a token buffer ``[*shape, T]``
+        re-evaluated each step. Non-scalar state leaves lead with ``shape`` (resamplers gather
+        them along those axes)."""
         if self.lattice is not None:  # the sampler masks and normalises the raw rows
-            rows = _table_rows(jnp.asarray(self.params))
             delta = jnp.asarray(self.lattice.delta)
             start = jnp.broadcast_to(self.lattice.initial_state(self.prompt), shape)
-            tokens, log_ps = ancestral_sample(
-                key, shape, self.space, start, rows, lambda s, token, t: delta[s, token]
-            )
-        elif hasattr(self.logits_fn, "init") and hasattr(self.logits_fn, "step"):
+            return start, _table_rows(jnp.asarray(self.params)), lambda s, token, t: delta[s, token]
+        if hasattr(self.logits_fn, "init") and hasattr(self.logits_fn, "step"):
             first = self._call(self.logits_fn.init, shape)
-            tokens, log_ps = ancestral_sample(
-                key,
-                shape,
-                self.space,
-                first,
-                lambda c, t: c[0],
-                lambda c, token, t: self._call_step(c[1], token),
-            )
-        else:
-            buffer = jnp.full((*shape, self.space.horizon), self.support.feasible_like(0))
-            tokens, log_ps = ancestral_sample(
-                key,
-                shape,
-                self.space,
-                buffer,
-                lambda b, t: jnp.take(self.logits(b), t, axis=-2),
-                lambda b, token, t: b.at[..., t].set(token),
-            )
-        return tokens, [log_ps]
+            return first, lambda c, t: c[0], lambda c, token, t: self._call_step(c[1], token)
+        buffer = jnp.full((*shape, self.space.horizon), self.support.feasible_like(0))
+        return (
+            buffer,
+            lambda b, t: jnp.take(self.logits(b), t, axis=-2),
+            lambda b, token, t: b.at[..., t].set(token),
+        )
 
     def _call_step(self, state, token):
         step = self.logits_fn.step

@@ -1,0 +1,140 @@
+"""Importance-weight diagnostics through ArviZ: Pareto k-hat, Kish ESS, warnings, DataTrees, plots.
+
+Pareto k-hat is ArviZ's PSIS (``arviz_stats``), called with the negated log weights as its
+docstring requires. The sample-size threshold is ``min(1 − 1/log10 S, 0.7)`` (Vehtari et al.,
+Pareto smoothed importance sampling, 2024): above it the estimate's error is not controlled.
+Depends only on external libraries and numpy (DESIGN.md layers).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+__all__ = [
+    "EstimateWarning",
+    "pareto_khat",
+    "khat_threshold",
+    "kish_ess",
+    "weight_warnings",
+    "weights_datatree",
+    "plot_weights",
+    "MIN_KHAT_SAMPLES",
+]
+
+MIN_KHAT_SAMPLES = 100
+"""Below this many weights k-hat is itself too noisy to trust."""
+
+
+class EstimateWarning(UserWarning):
+    """An estimate's diagnostics say it should not be trusted (k-hat, ESS, zero weights)."""
+
+
+def pareto_khat(log_weights) -> float:
+    """Pareto k-hat of importance weights ``exp(log_weights)`` ``[S]`` from ArviZ's PSIS.
+
+    NaN when there is no tail to fit (fewer than 5 finite weights, or a tail of equal
+    weights, as when a tiny space repeats its sequences). ``k < 0.5``: finite variance;
+    ``k > 0.7``: the estimate is unreliable whatever ``S``.
+
+    >>> import numpy as np
+    >>> w = np.random.default_rng(0).pareto(1.0, 20000) + 1  # tail index 1: k = 1
+    >>> round(pareto_khat(np.log(w)), 1)
+    1.0
+    """
+    from arviz_stats.base import array_stats
+
+    log_weights = np.asarray(log_weights, np.float64).reshape(-1)
+    finite = log_weights[np.isfinite(log_weights)]
+    if finite.size < 5:
+        return float("nan")
+    if np.ptp(finite) == 0:
+        return float("nan")
+    try:
+        _, khat = array_stats.psislw(-finite)
+    except ValueError as error:  # arviz_stats: "All tail values are the same"
+        if "same" not in str(error):
+            raise
+        return float("nan")
+    return float(khat)
+
+
+def khat_threshold(num_samples: int) -> float:
+    """``min(1 − 1/log10 S, 0.7)``: the largest k-hat at which ``S`` samples still suffice."""
+    return float(min(1.0 - 1.0 / np.log10(max(num_samples, 11)), 0.7))
+
+
+def kish_ess(log_weights) -> float:
+    """Kish's effective sample size ``(Σ w)² / Σ w²`` of ``exp(log_weights)`` (0 if all zero)."""
+    log_weights = np.asarray(log_weights, np.float64).reshape(-1)
+    top = np.max(log_weights) if log_weights.size else -np.inf
+    if not np.isfinite(top):
+        return 0.0
+    w = np.exp(log_weights - top)
+    return float(w.sum() ** 2 / np.sum(w * w))
+
+
+def weight_warnings(
+    khat: float, ess: float, num_samples: int, min_ess_fraction: float, what: str
+) -> list[str]:
+    """The diagnostic messages for ``S = num_samples`` weights; each is also issued as an
+    ``EstimateWarning``. Empty when the diagnostics raise no concern."""
+    messages = []
+    if np.isfinite(khat):
+        if khat > khat_threshold(num_samples):
+            messages.append(
+                f"{what}: Pareto k-hat {khat:.2f} exceeds {khat_threshold(num_samples):.2f}, the "
+                f"threshold for {num_samples} samples: the weights are heavy-tailed and the "
+                "estimate and its standard error are unreliable; use a closer proposal"
+            )
+        if num_samples < MIN_KHAT_SAMPLES:
+            messages.append(
+                f"{what}: k-hat from {num_samples} < {MIN_KHAT_SAMPLES} weights is unreliable"
+            )
+    if ess == 0:
+        messages.append(f"{what}: every weight is zero; log Z is -inf or the proposal misses it")
+    elif ess < min_ess_fraction * num_samples:
+        messages.append(
+            f"{what}: effective sample size {ess:.1f} is below {min_ess_fraction:g} of the "
+            f"{num_samples} samples"
+        )
+    for message in messages:
+        warnings.warn(message, EstimateWarning, stacklevel=3)
+    return messages
+
+
+def weights_datatree(tokens, log_weights, attrs: dict):
+    """An ArviZ ``DataTree``: ``posterior.y`` ``(chain=1, draw, position)`` holds the kept
+    sequences, ``sample_stats.log_weight`` ``(chain=1, draw)`` their log weights; ``attrs``
+    (numbers and strings) go on the root."""
+    from arviz_base import from_dict
+
+    tree = from_dict(
+        {
+            "posterior": {"y": np.asarray(tokens)[None]},
+            "sample_stats": {"log_weight": np.asarray(log_weights, np.float64)[None]},
+        },
+        dims={"y": ["position"]},
+    )
+    tree.attrs.update(attrs)
+    return tree
+
+
+def plot_weights(log_weights, khat: float, title: str = "importance weights", ax=None):
+    """Histogram of the normalised log weights ``log(w / max w)`` with k-hat and the threshold
+    in the legend; returns the matplotlib ``Axes``."""
+    import matplotlib.pyplot as plt
+
+    log_weights = np.asarray(log_weights, np.float64).reshape(-1)
+    finite = log_weights[np.isfinite(log_weights)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2))
+    if finite.size:
+        ax.hist(finite - finite.max(), bins=60, color="tab:blue", alpha=0.8)
+    limit = khat_threshold(log_weights.size)
+    ax.set(xlabel="log w − max log w", ylabel="count", yscale="log", title=title)
+    ax.plot([], [], " ", label=f"k-hat {khat:.2f} (threshold {limit:.2f})")
+    ax.plot([], [], " ", label=f"Kish ESS {kish_ess(log_weights):.0f} of {log_weights.size}")
+    ax.legend(loc="upper left", frameon=False)
+    return ax

@@ -1,0 +1,236 @@
+"""``PartitionEstimate``: a log-partition estimate with its standard error, diagnostics and bounds.
+
+Shared by the estimators (importance sampling, SMC): the normal interval on the log scale, the
+EUBO ``E_{y~p_R}[R(y) − log q(y)] ≥ log Z`` from exact target samples (THEORY §4), and the check
+that a proposal gives positive probability to every sequence the EBM supports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from statistics import NormalDist
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqppl.diagnostics import plot_weights, weights_datatree
+from seqppl.distributions import ARM, EBM
+from seqppl.space import MAX_ENUMERATE
+
+__all__ = ["PartitionEstimate", "Proposal", "SUPPORT_CHECK_MAX"]
+
+SUPPORT_CHECK_MAX = 1 << 16
+"""Spaces up to this size are enumerated to check that the proposal covers the EBM's support."""
+TARGET_SAMPLES = 4096
+"""Exact target samples drawn for the EUBO when ``target_samples="auto"`` and the EBM has them."""
+
+
+class Proposal(NamedTuple):
+    """An ARM proposal ``q``, or its defensive mixture ``(1 − α) q + α u`` (a pytree)."""
+
+    arm: ARM
+    defensive: ARM | None = None
+    alpha: float = 0.0
+
+    def log_prob(self, tokens) -> jax.Array:
+        """``log q_α(y)`` ``[N]`` for tokens ``[N, T]``."""
+        if self.defensive is None:
+            return self.arm.log_prob(tokens)
+        return jnp.logaddexp(
+            jnp.log1p(-self.alpha) + self.arm.log_prob(tokens),
+            jnp.log(self.alpha) + self.defensive.log_prob(tokens),
+        )
+
+
+@jax.jit
+def _rewards_and_log_q(ebm, proposal: Proposal, tokens):
+    return ebm.unnormalized_log_prob(tokens), proposal.log_prob(tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionEstimate:
+    """An estimate of ``log Z = log Σ_y exp R(y)`` with its uncertainty.
+
+    Attributes:
+        log_z: the estimate (``log`` of an unbiased estimate of ``Z`` for ``"is"``/``"smc"``).
+        stderr: its standard error (delta method on the weights for IS; over independent SMC
+            replicates for SMC; 0 for ``"exact"``).
+        interval: ``log_z ± z_{(1+level)/2} · stderr``.
+        ess: Kish effective sample size of the weights (NaN for ``"exact"``).
+        khat: Pareto k-hat of the weights from ArviZ's PSIS (NaN where it does not apply:
+            ``"exact"``, and SMC, whose final weights follow resampling).
+        elbo, elbo_stderr: a lower bound on ``log Z``: ``E_q[R − log q]`` for IS, the mean of
+            the replicates' ``log Ẑ`` for SMC (Jensen); None for ``"exact"``.
+        eubo, eubo_stderr: the upper bound ``E_{p_R}[R − log q]`` from exact or user-given
+            target samples; None without them.
+        num_samples: proposal draws (IS) or particles in all (SMC).
+        method: ``"exact"``, ``"is"`` or ``"smc"``.
+        level: the interval's coverage.
+        log_weights, samples: kept weights ``[K]`` and sequences ``[K, T]`` (the first
+            ``max_kept`` draws for IS, the final particles for SMC); None for ``"exact"``.
+        messages: the diagnostic warnings raised while estimating.
+        extras: method-specific figures (e.g. SMC's resampling count and ESS trace).
+    """
+
+    log_z: float
+    stderr: float
+    interval: tuple[float, float]
+    ess: float
+    khat: float
+    elbo: float | None
+    eubo: float | None
+    num_samples: int
+    method: str
+    level: float = 0.95
+    elbo_stderr: float | None = None
+    eubo_stderr: float | None = None
+    log_weights: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    samples: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    messages: tuple[str, ...] = ()
+    extras: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __str__(self) -> str:
+        low, high = self.interval
+        text = (
+            f"log Z ≈ {self.log_z:.6g} ± {self.stderr:.3g} ({self.method}, {self.num_samples} "
+            f"samples; {100 * self.level:g}% interval [{low:.6g}, {high:.6g}]; ESS "
+            f"{self.ess:.4g}; k-hat {self.khat:.3g})"
+        )
+        return text + "".join(f"\n  warning: {m}" for m in self.messages)
+
+    def attrs(self) -> dict:
+        """The scalar fields as a flat dict (None and NaN kept as NaN), for files and tables."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "interval":
+                out["interval_low"], out["interval_high"] = (float(v) for v in value)
+            elif field.name in ("method",):
+                out[field.name] = value
+            elif field.name not in ("log_weights", "samples", "messages", "extras"):
+                out[field.name] = float("nan") if value is None else float(value)
+        return out
+
+    def to_datatree(self):
+        """An ArviZ ``DataTree``: the kept sequences in ``posterior.y``, their log weights in
+        ``sample_stats.log_weight``, the scalar fields in the root's ``attrs``."""
+        if self.samples is None:
+            raise ValueError(f"a {self.method!r} estimate keeps no samples to export")
+        return weights_datatree(self.samples, self.log_weights, self.attrs())
+
+    def plot(self, ax=None):
+        """The kept weights' histogram with k-hat (``diagnostics.plot_weights``); an ``Axes``."""
+        if self.log_weights is None:
+            raise ValueError(f"a {self.method!r} estimate keeps no weights to plot")
+        return plot_weights(self.log_weights, self.khat, f"{self.method}: {self}", ax)
+
+
+def normal_interval(log_z: float, stderr: float, level: float) -> tuple[float, float]:
+    """``log_z ± z_{(1+level)/2} · stderr``."""
+    half = NormalDist().inv_cdf(0.5 + level / 2) * stderr if stderr > 0 else 0.0
+    return (log_z - half, log_z + half)
+
+
+def mean_and_stderr(values) -> tuple[float, float]:
+    """Mean and its standard error ``sd/√n`` of ``values`` ``[n]`` (−∞ in them: ``(−∞, NaN)``)."""
+    values = np.asarray(values, np.float64)
+    if np.any(values == -np.inf):
+        return -np.inf, float("nan")
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
+
+
+def check_sampler(ebm, proposal, num_samples, key) -> None:
+    """Eager validation shared by the estimators (``ValueError``/``TypeError`` naming the
+    argument)."""
+    if not isinstance(ebm, EBM):
+        raise TypeError(f"ebm must be an EBM, got {type(ebm).__name__}")
+    if ebm.batch_shape != ():
+        raise ValueError(
+            f"ebm has batch shape {ebm.batch_shape}; estimate one prompt at a time "
+            "(index the prompts or loop over them)"
+        )
+    if not isinstance(proposal, ARM):
+        raise TypeError(f"proposal must be an ARM, got {type(proposal).__name__}")
+    if proposal.space != ebm.space:
+        raise ValueError(f"proposal is over {proposal.space}, not the EBM's {ebm.space}")
+    if proposal.batch_shape != ():
+        raise ValueError(f"proposal has batch shape {proposal.batch_shape}; give one prompt")
+    same_prompt = (proposal.prompt is None) == (ebm.prompt is None) and (
+        ebm.prompt is None or np.array_equal(np.asarray(proposal.prompt), np.asarray(ebm.prompt))
+    )
+    if not same_prompt:
+        raise ValueError("proposal and ebm have different prompts; give both the same prompt")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    if key is None or not (
+        isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    ):
+        raise TypeError(f"key must be a jax.random.key(...), got {key!r}")
+
+
+def check_support(ebm, proposal: Proposal, tokens, what: str):
+    """``(R, log q)`` ``[N]`` on ``tokens`` ``[N, T]``; raises if ``log q(y) = −∞`` where ``R(y)``
+    is finite (importance weights would silently miss that mass) or if ``R`` is NaN/+∞."""
+    rewards, log_q = (np.asarray(x) for x in _rewards_and_log_q(ebm, proposal, tokens))
+    bad_reward = np.flatnonzero(np.isnan(rewards) | (rewards == np.inf))
+    if bad_reward.size:
+        i = bad_reward[0]
+        raise ValueError(f"the EBM's reward is {rewards[i]} on {what} {np.asarray(tokens[i])}")
+    missed = np.flatnonzero(np.isfinite(rewards) & (log_q == -np.inf))
+    if missed.size:
+        i = missed[0]
+        raise ValueError(
+            f"the proposal gives probability 0 to {what} {np.asarray(tokens[i]).tolist()}, which "
+            f"the EBM supports (R = {rewards[i]:.4g}): the estimate would miss its mass; use a "
+            "proposal that covers the EBM's support (e.g. defensive=0.1 for importance sampling)"
+        )
+    return rewards, log_q
+
+
+def check_proposal_covers(ebm, proposal: Proposal) -> None:
+    """Enumerates spaces up to ``SUPPORT_CHECK_MAX`` sequences for ``check_support``."""
+    if ebm.space.num_sequences <= SUPPORT_CHECK_MAX:
+        check_support(ebm, proposal, jnp.asarray(ebm.space.enumerate()), "the sequence")
+
+
+@functools.partial(jax.jit, static_argnames="count")
+def _exact_draws(ebm, key, count: int):
+    return ebm.sample(key, (count,))
+
+
+def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
+    """``(E_{p_R}[R − log q], its stderr)`` from target samples, or ``(None, None)``.
+
+    ``target_samples``: ``"auto"`` (exact draws when the EBM samples exactly: a lattice or an
+    enumerable space), ``None`` (skip), or int ``[M, T]`` sequences the caller knows are exact
+    draws from ``p_R``. Also checks ``log q > −∞`` on them (``check_support``)."""
+    if target_samples is None:
+        return None, None
+    if isinstance(target_samples, str):
+        if target_samples != "auto":
+            raise ValueError(
+                f"target_samples must be 'auto', None or sequences, got {target_samples!r}"
+            )
+        if not (ebm.is_lattice or ebm.space.num_sequences <= MAX_ENUMERATE):
+            return None, None
+        if not np.isfinite(float(ebm.log_partition())):  # no sequence to draw
+            return None, None
+        count = min(num_samples, TARGET_SAMPLES)
+        target_samples = _exact_draws(ebm, jax.random.fold_in(key, 0x7A), count)
+    else:
+        target_samples = jnp.asarray(target_samples)
+        if target_samples.ndim != 2 or target_samples.shape[0] < 2:
+            raise ValueError(
+                f"target_samples must be int [M >= 2, T], got shape {target_samples.shape}"
+            )
+        ebm.space.validate(target_samples)
+    rewards, log_q = check_support(ebm, proposal, target_samples, "the target sample")
+    excluded = np.flatnonzero(rewards == -np.inf)
+    if excluded.size:
+        raise ValueError(
+            f"target_samples[{excluded[0]}] has R = -inf: it cannot be a draw from the EBM"
+        )
+    return mean_and_stderr(rewards - log_q)

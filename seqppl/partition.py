@@ -1,0 +1,135 @@
+"""``sp.log_partition``: ``log Z`` of an EBM exactly, by importance sampling, or by SMC.
+
+One entry point; every answer is a ``PartitionEstimate`` with a standard error, an interval,
+the ESS, Pareto k-hat (ArviZ's PSIS), the ELBO and, when exact target samples exist, the EUBO
+(THEORY §4: ``ELBO ≤ log Z ≤ EUBO``). Diagnostics that say not to trust an estimate are issued
+as ``EstimateWarning`` and kept in ``estimate.messages``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from seqppl.estimate import PartitionEstimate, check_sampler
+from seqppl.importance import importance_sampling
+from seqppl.smc import sequential_monte_carlo
+
+__all__ = ["log_partition", "METHODS"]
+
+METHODS = ("exact", "is", "smc")
+
+
+def log_partition(
+    ebm,
+    method: str = "is",
+    proposal=None,
+    num_samples: int = 1000,
+    key=None,
+    *,
+    level: float = 0.95,
+    target_samples="auto",
+    min_ess_fraction: float = 0.01,
+    max_kept: int = 100_000,
+    chunk_size: int = 1 << 15,
+    defensive: float = 0.0,
+    defensive_proposal=None,
+    progress: bool | None = None,
+    twist=None,
+    resampling: str = "systematic",
+    ess_threshold: float = 0.5,
+    num_replicates: int = 16,
+) -> PartitionEstimate:
+    """Estimates ``log Z = log Σ_y exp R(y)`` of ``ebm`` (batch shape ``()``).
+
+    ``"exact"``: ``ebm.log_partition()`` (DP or enumeration), ``stderr = 0``. ``"is"``:
+    ``Ẑ = (1/S) Σ_i exp(R(y_i) − log q(y_i))``, ``y_i ~ proposal``, streamed in chunks.
+    ``"smc"``: sequential Monte Carlo over positions with optional twists (``seqppl.smc``).
+
+    Args:
+        ebm: the ``EBM``.
+        method: ``"exact"``, ``"is"`` or ``"smc"``.
+        proposal: an ``ARM`` over the same space and prompt (``"is"``/``"smc"``).
+        num_samples: draws (IS) or particles over all replicates (SMC), at least 2.
+        key: a ``jax.random.key`` (``"is"``/``"smc"``).
+        level: coverage of ``interval`` (normal on the log scale).
+        target_samples: for the EUBO: ``"auto"`` (exact draws from a lattice or enumerable EBM),
+            ``None``, or int ``[M, T]`` exact draws you have.
+        min_ess_fraction: warn when the ESS is below this fraction of the samples.
+        max_kept: draws and weights kept in the estimate (k-hat, plots, ``to_datatree``).
+        chunk_size: IS draws per chunk (memory is bounded by it, not by ``num_samples``).
+        defensive, defensive_proposal: IS from ``(1 − α) q + α u`` with ``α = defensive`` and
+            ``u`` uniform over the space (or ``defensive_proposal``): bounded weights.
+        progress: IS progress bar over chunks (default: when there is more than one chunk).
+        twist: SMC intermediate targets: None, ``"exact"`` (lattice EBM soft values) or a
+            causal ``twist_fn(tokens [P, T]) -> [P, T]`` (entry t estimates
+            ``log Σ_{y' extends y[:t+1]} exp R(y')``).
+        resampling, ess_threshold, num_replicates: SMC's scheme (``"multinomial"``,
+            ``"stratified"``, ``"systematic"``), its trigger (resample when ESS <
+            ``ess_threshold · P``) and the independent runs behind its standard error.
+
+    Returns:
+        A ``PartitionEstimate``.
+
+    Raises:
+        ValueError / TypeError: bad arguments; a proposal over another space or prompt; a
+            proposal with probability 0 on a sequence the EBM supports (checked on spaces of
+            up to 65,536 sequences and on the target samples); NaN or +∞ rewards.
+
+    Warns:
+        EstimateWarning: k-hat above ``min(1 − 1/log10 S, 0.7)``, fewer than 100 weights for
+            k-hat, or an ESS below ``min_ess_fraction · S``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import seqppl as sp
+        >>> space = sp.SequenceSpace(vocab_size=3, length=4, eos=False)
+        >>> lat = sp.Lattice.markov(space, 1)
+        >>> ebm = sp.EBM.from_table(lat, jnp.ones((lat.num_states, 3)))
+        >>> arm = sp.ARM.from_table(lat, jnp.zeros((lat.num_states, 3)))
+        >>> est = sp.log_partition(ebm, "is", arm, 2000, jax.random.key(0))
+        >>> round(est.log_z, 4), round(float(ebm.log_partition()), 4)  # 4 + 4 log 3
+        (8.3944, 8.3944)
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if method == "exact":
+        log_z = float(np.asarray(ebm.log_partition()).reshape(()))
+        return PartitionEstimate(
+            log_z, 0.0, (log_z, log_z), float("nan"), float("nan"), None, None, 0, "exact", level
+        )
+    check_sampler(ebm, proposal, num_samples, key)
+    if method == "is":
+        if twist is not None:
+            raise ValueError("twist applies to method='smc' only")
+        return importance_sampling(
+            ebm,
+            proposal,
+            num_samples,
+            key,
+            level=level,
+            chunk_size=chunk_size,
+            max_kept=max_kept,
+            defensive=defensive,
+            defensive_proposal=defensive_proposal,
+            target_samples=target_samples,
+            min_ess_fraction=min_ess_fraction,
+            progress=progress,
+        )
+    if defensive:
+        raise ValueError("defensive applies to method='is' only")
+    return sequential_monte_carlo(
+        ebm,
+        proposal,
+        num_samples,
+        key,
+        level=level,
+        twist=twist,
+        resampling=resampling,
+        ess_threshold=ess_threshold,
+        num_replicates=num_replicates,
+        max_kept=max_kept,
+        target_samples=target_samples,
+        min_ess_fraction=min_ess_fraction,
+    )

@@ -1,0 +1,252 @@
+"""Sequential Monte Carlo over positions for ``log Z`` with an ARM proposal and optional twists.
+
+Intermediate targets on prefixes: ``γ_t(y_{≤t}) = exp Φ_t(y_{≤t})`` for ``t < T − 1`` and
+``γ_{T−1}(y) = exp R(y)``, where the twist ``Φ_t`` estimates ``log Σ_{y' ⊒ y_{≤t}} exp R(y')``:
+
+- ``twist=None``: ``Φ_t = log q(y_{≤t})`` (no lookahead: all weight arrives at the end);
+- ``twist="exact"``: a lattice EBM's accumulated local rewards plus the soft value of the
+  state reached, ``Φ_t = Σ_{k≤t} r_k + V[t+1, s_{t+1}]`` (THEORY §2): exact prefix marginals;
+- a callable ``twist_fn(tokens [P, T]) -> [P, T]``, causal, entry t for ``y[:t+1]`` (a learned
+  value function ``V(prefix)`` in this total form).
+
+Particle i at step t gets the incremental weight ``Φ_t − Φ_{t−1} − log π(y_t | y_{<t})``;
+when the Kish ESS falls below ``ess_threshold · P`` the particles are resampled (multinomial,
+stratified or systematic) and ``log Ẑ`` gains ``log mean w``. Particles with weight 0 (a
+forbidden prefix) are never resampled, so they drop out without stopping the run. The forced
+EOS of the last decision belongs to both proposal and target, so the horizon adds no bias.
+``Ẑ`` is unbiased; ``num_replicates`` independent runs give the standard error. With
+``twist="exact"`` and ``proposal = to_arm(ebm)`` every increment is 0 after the first, which
+is ``log Z``: the estimate is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqppl.bellman import soft_values
+from seqppl.diagnostics import kish_ess, weight_warnings
+from seqppl.distributions.ancestral import draw_step
+from seqppl.estimate import PartitionEstimate, Proposal, eubo, mean_and_stderr, normal_interval
+from seqppl.logspace import logsumexp, softmax
+
+__all__ = ["sequential_monte_carlo", "RESAMPLING"]
+
+RESAMPLING = ("multinomial", "stratified", "systematic")
+
+
+def sequential_monte_carlo(
+    ebm,
+    proposal,
+    num_samples: int,
+    key,
+    *,
+    level: float = 0.95,
+    twist=None,
+    resampling: str = "systematic",
+    ess_threshold: float = 0.5,
+    num_replicates: int = 16,
+    max_kept: int = 100_000,
+    target_samples="auto",
+    min_ess_fraction: float = 0.01,
+) -> PartitionEstimate:
+    """The SMC ``PartitionEstimate`` (see ``sp.log_partition``): ``num_replicates`` independent
+    runs of ``num_samples // num_replicates`` particles, pooled as ``log mean_r Ẑ_r``."""
+    if resampling not in RESAMPLING:
+        raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
+    if not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold!r}")
+    if not isinstance(num_replicates, int) or num_replicates < 2:
+        raise ValueError(f"num_replicates must be an int >= 2, got {num_replicates!r}")
+    particles = num_samples // num_replicates
+    if particles < 2:
+        raise ValueError(
+            f"num_samples={num_samples} gives {particles} particles per replicate "
+            f"(num_replicates={num_replicates}); need at least 2"
+        )
+    _check_twist(ebm, twist)
+    keys = jax.random.split(jax.random.fold_in(key, 1), num_replicates)
+    out = jax.device_get(_run(ebm, proposal, keys, ess_threshold, twist, particles, resampling))
+    log_w = np.asarray(out["log_w"], np.float64)  # [R, P], each row carries log Ẑ_r's prefix
+    if np.isnan(log_w).any():
+        raise ValueError("a weight is NaN: the twist or the EBM's reward returned NaN or +inf")
+    log_z_r = logsumexp(jnp.asarray(log_w), 1) - np.log(particles)
+    log_z_r = np.asarray(log_z_r, np.float64)
+    log_z, stderr = _pooled(log_z_r)
+    ess = float(sum(kish_ess(row) for row in log_w))
+    total = particles * num_replicates
+    messages = weight_warnings(float("nan"), ess, total, min_ess_fraction, "SMC final weights")
+    lower, lower_stderr = mean_and_stderr(log_z_r)
+    upper, upper_stderr = eubo(ebm, Proposal(proposal), target_samples, num_samples, key)
+    return PartitionEstimate(
+        log_z=log_z,
+        stderr=stderr,
+        interval=normal_interval(log_z, stderr, level),
+        ess=ess,
+        khat=float("nan"),
+        elbo=lower,
+        eubo=upper,
+        num_samples=total,
+        method="smc",
+        level=level,
+        elbo_stderr=lower_stderr,
+        eubo_stderr=upper_stderr,
+        log_weights=log_w.reshape(-1)[:max_kept],
+        samples=np.asarray(out["tokens"]).reshape(total, -1)[:max_kept],
+        messages=tuple(messages),
+        extras={
+            "replicate_log_z": log_z_r,
+            "resampling_steps": np.asarray(out["resampled"]).sum(-1),
+            "ess_trace": np.asarray(out["ess"]).mean(0),
+            "particles": particles,
+            "num_replicates": num_replicates,
+            "resampling": resampling,
+        },
+    )
+
+
+def _pooled(log_z_r):
+    """``log mean_r Ẑ_r`` and its delta-method standard error over the replicates."""
+    r = log_z_r.size
+    top = np.max(log_z_r)
+    if top == -np.inf:
+        return -np.inf, np.inf
+    relative = np.exp(log_z_r - top)
+    mean = relative.mean()
+    stderr = np.sqrt(np.var(relative / mean, ddof=1) / r)
+    return float(top + np.log(mean)), float(stderr)
+
+
+class _Twist:
+    """``init(P) -> state``; ``update(state, tokens, token, done, log_pi, t) -> (state, Φ_t)``."""
+
+    def __init__(self, init, update):
+        self.init, self.update = init, update
+
+
+def _check_twist(ebm, twist) -> None:
+    if isinstance(twist, str):
+        if twist != "exact":
+            raise ValueError(f"twist must be None, 'exact' or a callable, got {twist!r}")
+        if not ebm.is_lattice:
+            raise ValueError(
+                "twist='exact' needs an EBM whose parts are all lattice tables; pass a learned "
+                "twist_fn(tokens) -> [P, T] instead"
+            )
+    elif twist is not None and not callable(twist):
+        raise TypeError(f"twist must be None, 'exact' or a callable, got {type(twist).__name__}")
+
+
+def _twist(ebm, twist) -> _Twist:
+    """The twist of ``_check_twist``-ed ``twist`` (built inside the trace)."""
+    if twist is None:  # Φ_t = log q(y_{≤t}): the running proposal log-probability
+        return _Twist(
+            lambda p: jnp.zeros((p,)),
+            lambda acc, tokens, token, done, log_pi, t: (acc + log_pi,) * 2,
+        )
+    if twist == "exact":
+        joint, table = ebm.joint, ebm.reward_table()
+        values, delta = soft_values(joint, table), jnp.asarray(joint.delta)
+        start = joint.initial_state(ebm.prompt)
+        eos = ebm.space.eos_id if ebm.space.eos else -1
+        horizon = ebm.space.horizon
+
+        def update(state, tokens, token, done, log_pi, t):
+            s, acc = state
+            acc = acc + jnp.where(done, 0.0, table[t, s, token])
+            s = delta[s, token]
+            ahead = values[jnp.minimum(t + 1, horizon - 1), s]
+            ended = done | (token == eos) | (t + 1 >= horizon)
+            return (s, acc), acc + jnp.where(ended, 0.0, ahead)
+
+        return _Twist(lambda p: (jnp.full((p,), start), jnp.zeros((p,), table.dtype)), update)
+    return _Twist(
+        lambda p: jnp.zeros(()),
+        lambda state, tokens, token, done, log_pi, t: (state, jnp.take(twist(tokens), t, -1)),
+    )
+
+
+def _resample(key, log_w, scheme: str):
+    """Ancestor indices ``[P]`` with probabilities ``softmax(log_w)``; zero-weight particles are
+    never chosen (all zero: index P − 1, harmless since then ``Ẑ = 0``)."""
+    p = log_w.shape[0]
+    cumulative = jnp.cumsum(softmax(log_w))
+    if scheme == "multinomial":
+        u = jax.random.uniform(key, (p,))
+    elif scheme == "stratified":
+        u = (jnp.arange(p) + jax.random.uniform(key, (p,))) / p
+    else:
+        u = (jnp.arange(p) + jax.random.uniform(key, ())) / p
+    index = jnp.searchsorted(cumulative, u * cumulative[-1], side="right")
+    return jnp.minimum(index, p - 1)
+
+
+def _gather(tree, index, p):
+    """Every leaf with a leading particle axis, reordered by ``index``; scalars shared."""
+    return jax.tree.map(lambda x: x[index] if jnp.ndim(x) and x.shape[0] == p else x, tree)
+
+
+@functools.partial(jax.jit, static_argnames=("twist_spec", "p", "scheme"))
+def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme):
+    """``num_replicates = len(keys)`` independent SMC runs of ``p`` particles (vmapped)."""
+    space = ebm.space
+    twist = _twist(ebm, twist_spec)
+    dtype = jnp.result_type(float)
+    horizon, eos = space.horizon, (space.eos_id if space.eos else -1)
+
+    def one(key):
+        decoder_state, next_logits, advance = proposal.decoder((p,))
+
+        def step(carry, t, step_key, final: bool):
+            dec, tw, tokens, done, log_w, phi_prev, log_z = carry
+            draw_key, resample_key = jax.random.split(step_key)
+            token, log_pi = draw_step(draw_key, next_logits(dec, t), t, done, space)
+            tokens = tokens.at[:, t].set(token)
+            dec = advance(dec, token, t)
+            tw, phi = twist.update(tw, tokens, token, done, log_pi, t)
+            if final:
+                phi = ebm.unnormalized_log_prob(tokens)
+            phi = phi.astype(dtype)
+            increment = phi - phi_prev - log_pi
+            log_w = jnp.where(log_w == -jnp.inf, -jnp.inf, log_w + increment).astype(dtype)
+            done = done | (token == eos)
+            ess = jnp.exp(2 * logsumexp(log_w, 0) - logsumexp(2 * log_w, 0))
+            ess = jnp.where(jnp.isnan(ess), 0.0, ess)
+            if final:
+                return (dec, tw, tokens, done, log_w, phi, log_z), (ess, jnp.array(False))
+            redo = ess < ess_threshold * p
+            index = jnp.where(redo, _resample(resample_key, log_w, scheme), jnp.arange(p))
+            dec, tw, tokens, done, phi = _gather((dec, tw, tokens, done, phi), index, p)
+            log_z = log_z + jnp.where(redo, logsumexp(log_w, 0) - jnp.log(p), 0.0).astype(dtype)
+            log_w = jnp.where(redo, jnp.zeros_like(log_w), log_w)
+            return (dec, tw, tokens, done, log_w, phi, log_z), (ess, redo)
+
+        tokens = jnp.zeros((p, horizon), jnp.int32)
+        carry = (
+            decoder_state,
+            twist.init(p),
+            tokens,
+            jnp.zeros((p,), bool),
+            jnp.zeros((p,), dtype),
+            jnp.zeros((p,), dtype),
+            jnp.zeros((), dtype),
+        )
+        step_keys = jax.random.split(key, horizon)
+        carry, (ess, redo) = jax.lax.scan(
+            lambda c, x: step(c, x[0], x[1], False),
+            carry,
+            (jnp.arange(horizon - 1), step_keys[:-1]),
+        )
+        carry, (last_ess, _) = step(carry, horizon - 1, step_keys[-1], True)
+        _, _, tokens, _, log_w, _, log_z = carry
+        return {
+            "tokens": tokens,
+            "log_w": log_z + log_w,
+            "ess": jnp.append(ess, last_ess),
+            "resampled": redo,
+        }
+
+    return jax.vmap(one)(keys)
