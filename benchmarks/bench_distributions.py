@@ -140,9 +140,11 @@ def main():
         fn = jax.jit(lambda d, k: d.sample(k, (num_seqs,)))
         c, t, draws[name] = timed(fn, d, key, repeats=args.repeats)
         rows.append((label, name, c, t, num_seqs / t))
-    first = draws[samplers[0][0]]
-    for name, _ in samplers[1:]:
-        np.testing.assert_array_equal(draws[name], first)  # same key, same model, same draws
+    lattice, plain, cached = (draws[name] for name, _ in samplers)
+    np.testing.assert_array_equal(plain, cached)  # same key, same arithmetic, same draws
+    # the lattice ARM draws from CDF tables accumulated once: the same uniforms land on the same
+    # tokens except where float32 rounding of the two CDFs differs (a few in 10^5 tokens)
+    assert np.mean(np.all(lattice == plain, -1)) > 0.999
 
     print(f"jax {jax.__version__}, numpyro {numpyro.__version__}, device {jax.devices()[0]}\n")
     print("| task | implementation | compile+first (s) | steady (ms) | sequences/s |")

@@ -25,6 +25,8 @@ __all__ = [
 
 MIN_KHAT_SAMPLES = 100
 """Below this many weights k-hat is itself too noisy to trust."""
+MIN_TAIL_WEIGHTS = 25
+"""Fewest finite weights for which PSIS has a tail of 5 to fit."""
 
 
 class EstimateWarning(UserWarning):
@@ -34,7 +36,8 @@ class EstimateWarning(UserWarning):
 def pareto_khat(log_weights) -> float:
     """Pareto k-hat of importance weights ``exp(log_weights)`` ``[S]`` from ArviZ's PSIS.
 
-    NaN when there is no tail to fit (fewer than 5 finite weights, or a tail of equal
+    NaN when there is no tail to fit (fewer than 25 finite weights: PSIS fits the largest
+    ``min(S/5, 3√S)``, at least 5; or a tail of equal
     weights, as when a tiny space repeats its sequences). ``k < 0.5``: finite variance;
     ``k > 0.7``: the estimate is unreliable whatever ``S``.
 
@@ -47,9 +50,7 @@ def pareto_khat(log_weights) -> float:
 
     log_weights = np.asarray(log_weights, np.float64).reshape(-1)
     finite = log_weights[np.isfinite(log_weights)]
-    if finite.size < 5:
-        return float("nan")
-    if np.ptp(finite) == 0:
+    if finite.size < MIN_TAIL_WEIGHTS or np.ptp(finite) == 0:
         return float("nan")
     try:
         _, khat = array_stats.psislw(-finite)

@@ -59,7 +59,9 @@ class PartitionEstimate:
         stderr: its standard error (delta method on the weights for IS; over independent SMC
             replicates for SMC; 0 for ``"exact"``).
         interval: ``log_z ± z_{(1+level)/2} · stderr``.
-        ess: Kish effective sample size of the weights (NaN for ``"exact"``).
+        ess: Kish effective sample size of the weights (NaN for ``"exact"``); for SMC the sum
+            over replicates of the final weights' ESS (after resampling: not comparable with
+            the ESS of IS).
         khat: Pareto k-hat of the weights from ArviZ's PSIS (NaN where it does not apply:
             ``"exact"``, and SMC, whose final weights follow resampling).
         elbo, elbo_stderr: a lower bound on ``log Z``: ``E_q[R − log q]`` for IS, the mean of
@@ -129,7 +131,9 @@ class PartitionEstimate:
 
 
 def normal_interval(log_z: float, stderr: float, level: float) -> tuple[float, float]:
-    """``log_z ± z_{(1+level)/2} · stderr``."""
+    """``log_z ± z_{(1+level)/2} · stderr``; ``(−∞, ∞)`` when either is not finite."""
+    if not (np.isfinite(log_z) and np.isfinite(stderr)):
+        return (-np.inf, np.inf)
     half = NormalDist().inv_cdf(0.5 + level / 2) * stderr if stderr > 0 else 0.0
     return (log_z - half, log_z + half)
 
@@ -142,7 +146,7 @@ def mean_and_stderr(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
 
 
-def check_sampler(ebm, proposal, num_samples, key) -> None:
+def check_sampler(ebm, proposal, num_samples, key, max_kept) -> None:
     """Eager validation shared by the estimators (``ValueError``/``TypeError`` naming the
     argument)."""
     if not isinstance(ebm, EBM):
@@ -152,23 +156,30 @@ def check_sampler(ebm, proposal, num_samples, key) -> None:
             f"ebm has batch shape {ebm.batch_shape}; estimate one prompt at a time "
             "(index the prompts or loop over them)"
         )
-    if not isinstance(proposal, ARM):
-        raise TypeError(f"proposal must be an ARM, got {type(proposal).__name__}")
-    if proposal.space != ebm.space:
-        raise ValueError(f"proposal is over {proposal.space}, not the EBM's {ebm.space}")
-    if proposal.batch_shape != ():
-        raise ValueError(f"proposal has batch shape {proposal.batch_shape}; give one prompt")
-    same_prompt = (proposal.prompt is None) == (ebm.prompt is None) and (
-        ebm.prompt is None or np.array_equal(np.asarray(proposal.prompt), np.asarray(ebm.prompt))
-    )
-    if not same_prompt:
-        raise ValueError("proposal and ebm have different prompts; give both the same prompt")
+    check_proposal(ebm, proposal, "proposal")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
     if key is None or not (
         isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     ):
         raise TypeError(f"key must be a jax.random.key(...), got {key!r}")
+    if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 1:
+        raise ValueError(f"max_kept must be an int >= 1, got {max_kept!r}")
+
+
+def check_proposal(ebm, proposal, name: str) -> None:
+    """``proposal`` is an ARM over the EBM's space and prompt, batch shape ``()``."""
+    if not isinstance(proposal, ARM):
+        raise TypeError(f"{name} must be an ARM, got {type(proposal).__name__}")
+    if proposal.space != ebm.space:
+        raise ValueError(f"{name} is over {proposal.space}, not the EBM's {ebm.space}")
+    if proposal.batch_shape != ():
+        raise ValueError(f"{name} has batch shape {proposal.batch_shape}; give one prompt")
+    same_prompt = (proposal.prompt is None) == (ebm.prompt is None) and (
+        ebm.prompt is None or np.array_equal(np.asarray(proposal.prompt), np.asarray(ebm.prompt))
+    )
+    if not same_prompt:
+        raise ValueError(f"{name} and ebm have different prompts; give both the same prompt")
 
 
 def check_support(ebm, proposal: Proposal, tokens, what: str):
@@ -205,7 +216,8 @@ def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
     """``(E_{p_R}[R − log q], its stderr)`` from target samples, or ``(None, None)``.
 
     ``target_samples``: ``"auto"`` (exact draws when the EBM samples exactly: a lattice or an
-    enumerable space), ``None`` (skip), or int ``[M, T]`` sequences the caller knows are exact
+    enumerable space; drawn with ``key``, which must be independent of the estimator's),
+    ``None`` (skip), or int ``[M, T]`` sequences the caller knows are exact
     draws from ``p_R``. Also checks ``log q > −∞`` on them (``check_support``)."""
     if target_samples is None:
         return None, None
@@ -219,7 +231,7 @@ def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
         if not np.isfinite(float(ebm.log_partition())):  # no sequence to draw
             return None, None
         count = min(num_samples, TARGET_SAMPLES)
-        target_samples = _exact_draws(ebm, jax.random.fold_in(key, 0x7A), count)
+        target_samples = _exact_draws(ebm, key, count)
     else:
         target_samples = jnp.asarray(target_samples)
         if target_samples.ndim != 2 or target_samples.shape[0] < 2:

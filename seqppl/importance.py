@@ -4,8 +4,9 @@
 ``log Ẑ`` has the delta-method standard error ``√((S·Σw²/(Σw)² − 1)/(S − 1))``. The sums are
 accumulated across chunks in log space (``logaddexp``), so memory stays bounded whatever ``S``:
 only the first ``max_kept`` draws and weights are kept (for k-hat, plots and DataTrees). A
-defensive mixture ``q_α = (1 − α) q + α u`` (``u`` uniform over the space, or any ARM) bounds
-the weights by ``R − log(α u)``.
+defensive mixture ``q_α = (1 − α) q + α u`` (``u`` the uniform policy: uniform over the actions
+at each step, which in an EOS space favours short responses; or any ARM) bounds the weights
+by ``R − log(α u)``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from seqppl.distributions import ARM
 from seqppl.estimate import (
     PartitionEstimate,
     Proposal,
+    check_proposal,
     check_proposal_covers,
     eubo,
     normal_interval,
@@ -43,6 +45,7 @@ def importance_sampling(
     defensive: float = 0.0,
     defensive_proposal: ARM | None = None,
     target_samples="auto",
+    target_key=None,
     min_ess_fraction: float = 0.01,
     progress: bool | None = None,
 ) -> PartitionEstimate:
@@ -55,8 +58,7 @@ def importance_sampling(
     mixture = None
     if defensive > 0:
         mixture = defensive_proposal or _uniform_arm(ebm)
-        if mixture.space != ebm.space:
-            raise ValueError(f"defensive_proposal is over {mixture.space}, not {ebm.space}")
+        check_proposal(ebm, mixture, "defensive_proposal")
     q = Proposal(proposal, mixture, defensive)
     check_proposal_covers(ebm, q)
 
@@ -87,7 +89,7 @@ def importance_sampling(
     samples = np.concatenate(kept_tokens)
     log_z, stderr, ess = sums.log_z_stderr_ess(num_samples)
     elbo, elbo_stderr = sums.elbo()
-    upper, upper_stderr = eubo(ebm, q, target_samples, num_samples, key)
+    upper, upper_stderr = eubo(ebm, q, target_samples, num_samples, target_key)
     khat = pareto_khat(log_weights)
     messages = weight_warnings(khat, ess, num_samples, min_ess_fraction, "importance sampling")
     return PartitionEstimate(
@@ -111,7 +113,7 @@ def importance_sampling(
 
 
 def _uniform_arm(ebm) -> ARM:
-    """The uniform policy over the space (the default defensive component)."""
+    """The uniform policy (uniform actions at every step): the default defensive component."""
     space = ebm.space
     zeros = jnp.zeros((1, space.num_actions), jnp.result_type(float))
     return ARM.from_table(Lattice.markov(space, 0), zeros, prompt=ebm.prompt)

@@ -8,6 +8,7 @@ as ``EstimateWarning`` and kept in ``estimate.messages``.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from seqppl.estimate import PartitionEstimate, check_sampler
@@ -58,7 +59,7 @@ def log_partition(
         max_kept: draws and weights kept in the estimate (k-hat, plots, ``to_datatree``).
         chunk_size: IS draws per chunk (memory is bounded by it, not by ``num_samples``).
         defensive, defensive_proposal: IS from ``(1 − α) q + α u`` with ``α = defensive`` and
-            ``u`` uniform over the space (or ``defensive_proposal``): bounded weights.
+            ``u`` the uniform policy (or ``defensive_proposal``): bounded weights.
         progress: IS progress bar over chunks (default: when there is more than one chunk).
         twist: SMC intermediate targets: None, ``"exact"`` (lattice EBM soft values) or a
             causal ``twist_fn(tokens [P, T]) -> [P, T]`` (entry t estimates
@@ -99,7 +100,10 @@ def log_partition(
         return PartitionEstimate(
             log_z, 0.0, (log_z, log_z), float("nan"), float("nan"), None, None, 0, "exact", level
         )
-    check_sampler(ebm, proposal, num_samples, key)
+    check_sampler(ebm, proposal, num_samples, key, max_kept)
+    if defensive_proposal is not None and not (method == "is" and defensive > 0):
+        raise ValueError("defensive_proposal needs method='is' and defensive > 0")
+    key, target_key = jax.random.split(key)  # the EUBO's exact draws: an independent stream
     if method == "is":
         if twist is not None:
             raise ValueError("twist applies to method='smc' only")
@@ -114,6 +118,7 @@ def log_partition(
             defensive=defensive,
             defensive_proposal=defensive_proposal,
             target_samples=target_samples,
+            target_key=target_key,
             min_ess_fraction=min_ess_fraction,
             progress=progress,
         )
@@ -131,5 +136,6 @@ def log_partition(
         num_replicates=num_replicates,
         max_kept=max_kept,
         target_samples=target_samples,
+        target_key=target_key,
         min_ess_fraction=min_ess_fraction,
     )

@@ -30,7 +30,14 @@ import numpy as np
 from seqppl.bellman import soft_values
 from seqppl.diagnostics import kish_ess, weight_warnings
 from seqppl.distributions.ancestral import draw_step
-from seqppl.estimate import PartitionEstimate, Proposal, eubo, mean_and_stderr, normal_interval
+from seqppl.estimate import (
+    PartitionEstimate,
+    Proposal,
+    check_proposal_covers,
+    eubo,
+    mean_and_stderr,
+    normal_interval,
+)
 from seqppl.logspace import logsumexp, softmax
 
 __all__ = ["sequential_monte_carlo", "RESAMPLING"]
@@ -51,6 +58,7 @@ def sequential_monte_carlo(
     num_replicates: int = 16,
     max_kept: int = 100_000,
     target_samples="auto",
+    target_key=None,
     min_ess_fraction: float = 0.01,
 ) -> PartitionEstimate:
     """The SMC ``PartitionEstimate`` (see ``sp.log_partition``): ``num_replicates`` independent
@@ -68,11 +76,12 @@ def sequential_monte_carlo(
             f"(num_replicates={num_replicates}); need at least 2"
         )
     _check_twist(ebm, twist)
+    check_proposal_covers(ebm, Proposal(proposal))
     keys = jax.random.split(jax.random.fold_in(key, 1), num_replicates)
     out = jax.device_get(_run(ebm, proposal, keys, ess_threshold, twist, particles, resampling))
     log_w = np.asarray(out["log_w"], np.float64)  # [R, P], each row carries log Ẑ_r's prefix
     if np.isnan(log_w).any():
-        raise ValueError("a weight is NaN: the twist or the EBM's reward returned NaN or +inf")
+        raise ValueError("a weight is NaN: the twist returned NaN or +inf")
     log_z_r = logsumexp(jnp.asarray(log_w), 1) - np.log(particles)
     log_z_r = np.asarray(log_z_r, np.float64)
     log_z, stderr = _pooled(log_z_r)
@@ -80,7 +89,7 @@ def sequential_monte_carlo(
     total = particles * num_replicates
     messages = weight_warnings(float("nan"), ess, total, min_ess_fraction, "SMC final weights")
     lower, lower_stderr = mean_and_stderr(log_z_r)
-    upper, upper_stderr = eubo(ebm, Proposal(proposal), target_samples, num_samples, key)
+    upper, upper_stderr = eubo(ebm, Proposal(proposal), target_samples, num_samples, target_key)
     return PartitionEstimate(
         log_z=log_z,
         stderr=stderr,
@@ -171,7 +180,7 @@ def _twist(ebm, twist) -> _Twist:
 
 def _resample(key, log_w, scheme: str):
     """Ancestor indices ``[P]`` with probabilities ``softmax(log_w)``; zero-weight particles are
-    never chosen (all zero: index P − 1, harmless since then ``Ẑ = 0``)."""
+    never chosen (a uniform rounded up to the total is clipped to the last positive weight)."""
     p = log_w.shape[0]
     cumulative = jnp.cumsum(softmax(log_w))
     if scheme == "multinomial":
@@ -181,12 +190,28 @@ def _resample(key, log_w, scheme: str):
     else:
         u = (jnp.arange(p) + jax.random.uniform(key, ())) / p
     index = jnp.searchsorted(cumulative, u * cumulative[-1], side="right")
-    return jnp.minimum(index, p - 1)
+    last_alive = p - 1 - jnp.argmax(jnp.flip(log_w) > -jnp.inf)
+    return jnp.minimum(index, last_alive)
 
 
 def _gather(tree, index, p):
-    """Every leaf with a leading particle axis, reordered by ``index``; scalars shared."""
-    return jax.tree.map(lambda x: x[index] if jnp.ndim(x) and x.shape[0] == p else x, tree)
+    """Every non-scalar leaf reordered along its leading particle axis; scalars are shared.
+
+    Raises:
+        ValueError: a non-scalar state leaf whose leading axis is not the ``p`` particles.
+    """
+
+    def one(x):
+        if jnp.ndim(x) == 0:
+            return x
+        if x.shape[0] != p:
+            raise ValueError(
+                f"a decoder or twist state leaf has shape {x.shape}; SMC needs every non-scalar "
+                f"leaf to lead with the particle axis ({p})"
+            )
+        return x[index]
+
+    return jax.tree.map(one, tree)
 
 
 @functools.partial(jax.jit, static_argnames=("twist_spec", "p", "scheme"))
@@ -211,7 +236,8 @@ def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme):
                 phi = ebm.unnormalized_log_prob(tokens)
             phi = phi.astype(dtype)
             increment = phi - phi_prev - log_pi
-            log_w = jnp.where(log_w == -jnp.inf, -jnp.inf, log_w + increment).astype(dtype)
+            dead = (log_w == -jnp.inf) | (phi_prev == -jnp.inf)  # weight 0 stays 0 (never NaN)
+            log_w = jnp.where(dead, -jnp.inf, log_w + increment).astype(dtype)
             done = done | (token == eos)
             ess = jnp.exp(2 * logsumexp(log_w, 0) - logsumexp(2 * log_w, 0))
             ess = jnp.where(jnp.isnan(ess), 0.0, ess)
@@ -221,7 +247,8 @@ def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme):
             index = jnp.where(redo, _resample(resample_key, log_w, scheme), jnp.arange(p))
             dec, tw, tokens, done, phi = _gather((dec, tw, tokens, done, phi), index, p)
             log_z = log_z + jnp.where(redo, logsumexp(log_w, 0) - jnp.log(p), 0.0).astype(dtype)
-            log_w = jnp.where(redo, jnp.zeros_like(log_w), log_w)
+            all_dead = jnp.all(log_w == -jnp.inf)  # Ẑ_r = 0: a valid outcome, kept as −∞
+            log_w = jnp.where(redo & ~all_dead, jnp.zeros_like(log_w), log_w)
             return (dec, tw, tokens, done, log_w, phi, log_z), (ess, redo)
 
         tokens = jnp.zeros((p, horizon), jnp.int32)

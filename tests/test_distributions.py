@@ -371,8 +371,10 @@ def test_cached_step_protocol_samples_like_reevaluation():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("scale", [1.0, 1e4])
-def test_inverse_cdf_draws_match_the_row_and_never_zero_mass(dtype, scale):
-    from seqppl.distributions.ancestral import _inverse_cdf
+@pytest.mark.parametrize("cdf", ["matmul", "cumsum"])
+def test_inverse_cdf_draws_match_the_row_and_never_zero_mass(dtype, scale, cdf):
+    """Both cumulative forms: the sampler's triangular matmul and a table ARM's cumsum."""
+    from seqppl.distributions.ancestral import _inverse_cdf, cumulative_probs
 
     rng = np.random.default_rng(int(scale))
     logits = rng.standard_normal((3, 6)) * (1.0 if scale == 1.0 else 0.0)
@@ -380,7 +382,9 @@ def test_inverse_cdf_draws_match_the_row_and_never_zero_mass(dtype, scale):
     logits[2, 5] = scale  # an extreme logit: the row is (nearly) deterministic
     log_p = sp.log_softmax(jnp.asarray(logits, dtype), -1)
     n = 20_000
-    draws = np.asarray(_inverse_cdf(jax.random.key(3), jnp.broadcast_to(log_p, (n, 3, 6))))
+    cumulative = cumulative_probs(log_p) if cdf == "matmul" else jnp.cumsum(jnp.exp(log_p), -1)
+    rows = [jnp.broadcast_to(x, (n, 3, 6)) for x in (log_p, cumulative)]
+    draws = np.asarray(_inverse_cdf(jax.random.key(3), *rows))
     assert not np.isin(draws, [1, 4]).any()
     for row in range(3):
         counts = np.bincount(draws[:, row], minlength=6)

@@ -11,6 +11,7 @@ import copy
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro.distributions import Distribution
 
 from seqppl.bellman import _check_no_reachable_dead_end, _check_table, occupancy
@@ -27,7 +28,10 @@ from seqppl.lattice import Lattice
 from seqppl.logspace import log_softmax, logsumexp
 from seqppl.space import SequenceSpace
 
-__all__ = ["ARM"]
+__all__ = ["ARM", "PRECOMPUTED_CDF_MAX"]
+
+PRECOMPUTED_CDF_MAX = 1 << 24
+"""Largest table (entries) whose normalised rows and CDFs are precomputed for sampling."""
 
 
 class ARM(Distribution):
@@ -198,10 +202,10 @@ class ARM(Distribution):
         state when ``logits_fn`` has ``init``/``step``, else a token buffer ``[*shape, T]``
         re-evaluated each step. Non-scalar state leaves lead with ``shape`` (resamplers gather
         them along those axes)."""
-        if self.lattice is not None:  # the sampler masks and normalises the raw rows
+        if self.lattice is not None:
             delta = jnp.asarray(self.lattice.delta)
             start = jnp.broadcast_to(self.lattice.initial_state(self.prompt), shape)
-            return start, _table_rows(jnp.asarray(self.params)), lambda s, token, t: delta[s, token]
+            return start, self._table_policy(), lambda s, token, t: delta[s, token]
         if hasattr(self.logits_fn, "init") and hasattr(self.logits_fn, "step"):
             first = self._call(self.logits_fn.init, shape)
             return first, lambda c, t: c[0], lambda c, token, t: self._call_step(c[1], token)
@@ -211,6 +215,34 @@ class ARM(Distribution):
             lambda b, t: jnp.take(self.logits(b), t, axis=-2),
             lambda b, token, t: b.at[..., t].set(token),
         )
+
+    def _table_policy(self):
+        """``(state, t) -> (cumulative π rows [*shape, A], log_prob_of(token))`` from tables
+        normalised and accumulated once (``PRECOMPUTED_CDF_MAX`` entries at most; beyond that
+        the raw rows, normalised per step by the sampler)."""
+        q = jnp.asarray(self.params)
+        horizon = self.space.horizon
+        if q.ndim == 2:  # homogeneous: one table for t < T − 1, one for the last decision
+            time_index = lambda t: jnp.asarray(t == horizon - 1, jnp.int32)  # noqa: E731
+            mask = np.stack([np.ones(self.space.num_actions, bool), self.space.action_mask()[-1]])
+            log_pi = log_softmax(jnp.where(mask[:, None, :], q, -jnp.inf), -1)
+        else:
+            time_index = lambda t: t  # noqa: E731
+            log_pi = self.log_policy_table()
+        if log_pi.size > PRECOMPUTED_CDF_MAX:
+            return _table_rows(q)
+        cdf_rows = _table_rows(jnp.cumsum(jnp.exp(log_pi), -1))
+        log_rows = _table_rows(log_pi)
+
+        def policy(s, t):
+            if log_pi.ndim == 3:  # one scalar gather per sequence for log π(token)
+                return cdf_rows(s, time_index(t)), lambda a: log_pi[time_index(t), s, a]
+            rows = log_rows(s, time_index(t))
+            return cdf_rows(s, time_index(t)), lambda a: jnp.take_along_axis(
+                rows, a[..., None], -1
+            )[..., 0]
+
+        return policy
 
     def _call_step(self, state, token):
         step = self.logits_fn.step

@@ -300,9 +300,9 @@ class EBM(Distribution):
             return to_arm(self).sample(key, sample_shape)
         if self.space.num_sequences > MAX_ENUMERATE:
             raise ValueError(
-                "exact sampling needs a lattice EBM or an enumerable space; draw "
-                "approximate samples with sp.log_partition(..., method='smc') or "
-                "distil an ARM with sp.distill"
+                "exact sampling needs a lattice EBM or an enumerable space; weighted "
+                "approximate samples: est = sp.log_partition(ebm, 'smc', proposal, n, key) "
+                "(est.samples, est.log_weights), or distil an ARM with sp.distill"
             )
         seqs = self.enumerate_support(expand=True)
         scores = self.unnormalized_log_prob(seqs)
