@@ -209,7 +209,8 @@ def check_proposal_covers(ebm, proposal: Proposal) -> None:
 
 @functools.partial(jax.jit, static_argnames="count")
 def _exact_draws(ebm, key, count: int):
-    return ebm.sample(key, (count,))
+    """``count`` exact draws and the exact ``log Z`` (the draws are void when it is −∞)."""
+    return ebm.sample(key, (count,)), ebm.log_partition()
 
 
 def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
@@ -228,10 +229,9 @@ def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
             )
         if not (ebm.is_lattice or ebm.space.num_sequences <= MAX_ENUMERATE):
             return None, None
-        if not np.isfinite(float(ebm.log_partition())):  # no sequence to draw
+        target_samples, log_z = _exact_draws(ebm, key, min(num_samples, TARGET_SAMPLES))
+        if not np.isfinite(float(log_z)):  # no sequence to draw
             return None, None
-        count = min(num_samples, TARGET_SAMPLES)
-        target_samples = _exact_draws(ebm, key, count)
     else:
         target_samples = jnp.asarray(target_samples)
         if target_samples.ndim != 2 or target_samples.shape[0] < 2:

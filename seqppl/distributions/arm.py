@@ -222,6 +222,8 @@ class ARM(Distribution):
         the raw rows, normalised per step by the sampler)."""
         q = jnp.asarray(self.params)
         horizon = self.space.horizon
+        if q.size * (2 if q.ndim == 2 else 1) > PRECOMPUTED_CDF_MAX:
+            return _table_rows(q)
         if q.ndim == 2:  # homogeneous: one table for t < T − 1, one for the last decision
             time_index = lambda t: jnp.asarray(t == horizon - 1, jnp.int32)  # noqa: E731
             mask = np.stack([np.ones(self.space.num_actions, bool), self.space.action_mask()[-1]])
@@ -229,20 +231,19 @@ class ARM(Distribution):
         else:
             time_index = lambda t: t  # noqa: E731
             log_pi = self.log_policy_table()
-        if log_pi.size > PRECOMPUTED_CDF_MAX:
-            return _table_rows(q)
         cdf_rows = _table_rows(jnp.cumsum(jnp.exp(log_pi), -1))
-        log_rows = _table_rows(log_pi)
+        if log_pi.ndim == 3:  # one scalar gather per sequence for log π(token)
 
-        def policy(s, t):
-            if log_pi.ndim == 3:  # one scalar gather per sequence for log π(token)
-                return cdf_rows(s, time_index(t)), lambda a: log_pi[time_index(t), s, a]
-            rows = log_rows(s, time_index(t))
-            return cdf_rows(s, time_index(t)), lambda a: jnp.take_along_axis(
-                rows, a[..., None], -1
-            )[..., 0]
+            def log_prob_of(s, t):
+                return lambda a: log_pi[t, s, a]
+        else:
+            log_rows = _table_rows(log_pi)
 
-        return policy
+            def log_prob_of(s, t):
+                rows = log_rows(s, t)
+                return lambda a: jnp.take_along_axis(rows, a[..., None], -1)[..., 0]
+
+        return lambda s, t: (cdf_rows(s, time_index(t)), log_prob_of(s, time_index(t)))
 
     def _call_step(self, state, token):
         step = self.logits_fn.step
