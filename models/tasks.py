@@ -4,6 +4,13 @@
 the digit sum of the response is divisible by ``modulus``. The constraint is a DFA whose state is
 the running sum mod ``modulus``; the task lives on ``markov(1) × automaton``. Whether a token is
 acceptable depends on what can still follow, which is exactly what M's soft values look ahead to.
+
+``locally_masked_arm``: what a constrained decoder does: the reference's next-token probabilities
+renormalised over the tokens after which the constraint can still be met within the horizon. It
+never dead-ends and samples only valid sequences, yet it is not the conditional distribution: it
+does not weigh each token by the probability mass of its completions (the soft value).
+``lookahead_student``: a causal Transformer's logits added to such a base ARM, so distillation
+starts from the masked decoder and only has to learn the lookahead correction.
 """
 
 from __future__ import annotations
@@ -13,10 +20,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from seqppl.models.transformer import TransformerARM
 
 import seqppl as sp
+from seqppl.distributions.nnx import NNXFunction, module_params
 
-__all__ = ["DigitSumTask", "digit_sum_task", "digit_sum_lattice"]
+__all__ = [
+    "DigitSumTask",
+    "digit_sum_task",
+    "digit_sum_lattice",
+    "locally_masked_arm",
+    "lookahead_student",
+]
 
 
 class DigitSumTask(NamedTuple):
@@ -58,3 +74,41 @@ def digit_sum_task(
         log_probs = log_probs.at[-1].set(jnp.broadcast_to(last, logits.shape))
     rewards = lattice.lift(log_probs, 0) + lattice.lift(constraint.accepting_rewards([0]), 1)
     return DigitSumTask(lattice, rewards, logits, constraint, modulus)
+
+
+def locally_masked_arm(task: DigitSumTask) -> sp.ARM:
+    """The constrained decoder: ``π(a | s) ∝ π_ref(a | s) · [a keeps the constraint satisfiable]``.
+
+    Feasibility of ``a`` at decision t is ``M(c)[t, s, a] > −∞`` for the constraint's 0/−∞
+    rewards ``c`` alone (some completion within the horizon is accepted). A table ARM on the
+    task's lattice.
+    """
+    acceptance = task.lattice.lift(task.constraint.accepting_rewards([0]), 1)
+    acceptance = jnp.broadcast_to(acceptance, task.rewards.shape)
+    feasible = jnp.isfinite(sp.soft_bellman(task.lattice, acceptance)[0])
+    return sp.ARM.from_table(task.lattice, jnp.where(feasible, task.rewards, -jnp.inf))
+
+
+def lookahead_student(
+    base: sp.ARM, *, layers=2, heads=2, dim=32, mlp_dim=64, seed=0, dtype=jnp.float32
+) -> sp.ARM:
+    """``base.log_policies(tokens) + transformer(tokens)``: a trainable ARM (the Transformer's
+    parameters) that starts as ``base`` (zero output head) and keeps its −∞ masks."""
+    space = base.space
+    module = TransformerARM(
+        space.num_actions,
+        space.horizon,
+        layers,
+        heads,
+        dim,
+        mlp_dim,
+        rngs=nnx.Rngs(seed),
+        dtype=dtype,
+    )
+    module.head.kernel[...] = jnp.zeros_like(module.head.kernel[...])
+    network = NNXFunction(module)
+
+    def logits_fn(params, tokens):
+        return base.log_policies(tokens) + network(params, tokens)
+
+    return sp.ARM(logits_fn, space, params=module_params(module))

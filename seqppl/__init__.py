@@ -6,6 +6,12 @@ computed exactly by dynamic programming on finite-state lattices.
 
 from seqppl.bellman import inverse_soft_bellman, occupancy, path_rewards, soft_bellman, soft_values
 from seqppl.diagnostics import EstimateWarning
+from seqppl.distill import DistillationStopped, distill
+from seqppl.distillation_report import (
+    DistillationReport,
+    distillation_error,
+    plot_distillation_history,
+)
 from seqppl.distributions import ARM, EBM, SequenceSupport, nnx_arm, to_arm, to_ebm
 from seqppl.estimate import PartitionEstimate
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
@@ -39,4 +45,9 @@ __all__ = [
     "log_partition",
     "PartitionEstimate",
     "EstimateWarning",
+    "distill",
+    "distillation_error",
+    "DistillationReport",
+    "DistillationStopped",
+    "plot_distillation_history",
 ]

@@ -20,7 +20,7 @@ from seqppl.diagnostics import plot_weights, weights_datatree
 from seqppl.distributions import ARM, EBM
 from seqppl.space import MAX_ENUMERATE
 
-__all__ = ["PartitionEstimate", "Proposal", "SUPPORT_CHECK_MAX"]
+__all__ = ["PartitionEstimate", "Proposal", "SUPPORT_CHECK_MAX", "exact_draws", "rewards_and_log_q"]
 
 SUPPORT_CHECK_MAX = 1 << 16
 """Spaces up to this size are enumerated to check that the proposal covers the EBM's support."""
@@ -46,7 +46,8 @@ class Proposal(NamedTuple):
 
 
 @jax.jit
-def _rewards_and_log_q(ebm, proposal: Proposal, tokens):
+def rewards_and_log_q(ebm, proposal: Proposal, tokens):
+    """``(R(y), log q(y))`` ``[N]`` for tokens ``[N, T]`` in one jitted call."""
     return ebm.unnormalized_log_prob(tokens), proposal.log_prob(tokens)
 
 
@@ -185,7 +186,7 @@ def check_proposal(ebm, proposal, name: str) -> None:
 def check_support(ebm, proposal: Proposal, tokens, what: str):
     """``(R, log q)`` ``[N]`` on ``tokens`` ``[N, T]``; raises if ``log q(y) = −∞`` where ``R(y)``
     is finite (importance weights would silently miss that mass) or if ``R`` is NaN/+∞."""
-    rewards, log_q = (np.asarray(x) for x in _rewards_and_log_q(ebm, proposal, tokens))
+    rewards, log_q = (np.asarray(x) for x in rewards_and_log_q(ebm, proposal, tokens))
     bad_reward = np.flatnonzero(np.isnan(rewards) | (rewards == np.inf))
     if bad_reward.size:
         i = bad_reward[0]
@@ -208,7 +209,7 @@ def check_proposal_covers(ebm, proposal: Proposal) -> None:
 
 
 @functools.partial(jax.jit, static_argnames="count")
-def _exact_draws(ebm, key, count: int):
+def exact_draws(ebm, key, count: int):
     """``count`` exact draws and the exact ``log Z`` (the draws are void when it is −∞)."""
     return ebm.sample(key, (count,)), ebm.log_partition()
 
@@ -229,7 +230,7 @@ def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
             )
         if not (ebm.is_lattice or ebm.space.num_sequences <= MAX_ENUMERATE):
             return None, None
-        target_samples, log_z = _exact_draws(ebm, key, min(num_samples, TARGET_SAMPLES))
+        target_samples, log_z = exact_draws(ebm, key, min(num_samples, TARGET_SAMPLES))
         if not np.isfinite(float(log_z)):  # no sequence to draw
             return None, None
     else:

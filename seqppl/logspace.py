@@ -15,7 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["logsumexp", "log_softmax", "softmax", "NEG_INF", "first_nan_or_pos_inf"]
+__all__ = [
+    "logsumexp",
+    "log_softmax",
+    "softmax",
+    "categorical_kl",
+    "NEG_INF",
+    "first_nan_or_pos_inf",
+]
 
 NEG_INF = -jnp.inf
 
@@ -59,7 +66,7 @@ def _softmax_from(x: jax.Array, lse: jax.Array) -> jax.Array:
 
 
 def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``x - logsumexp(x)`` over ``axis``; an all −∞ row stays −∞ (gradient 0), never NaN.
+    """``x - logsumexp(x)`` over ``axis``; an all −∞ row stays −∞ (gradient 0); NaN in, NaN out.
 
     Example:
         >>> import jax.numpy as jnp
@@ -67,13 +74,32 @@ def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
         [  0. -inf]
     """
     lse = jnp.expand_dims(logsumexp(x, axis), axis)
-    finite = jnp.isfinite(lse)
-    return jnp.where(finite, x - jnp.where(finite, lse, 0), NEG_INF)
+    empty = lse == NEG_INF  # NaN propagates: a NaN logit must not pass for an excluded action
+    return jnp.where(empty, NEG_INF, x - jnp.where(empty, 0, lse))
 
 
 def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``exp(log_softmax(x))``; an all −∞ row gives zeros (not NaN)."""
     return _softmax_from(x, jnp.expand_dims(logsumexp(x, axis), axis))
+
+
+def categorical_kl(log_p: jax.Array, log_q: jax.Array, axis: int = -1) -> jax.Array:
+    """``KL(p ‖ q) = Σ_a p_a (log p_a − log q_a)`` over ``axis`` from normalised log-probabilities.
+
+    Conventions, read from the log-probabilities (not from ``exp``, which may underflow): a term
+    with ``log p_a = −∞`` is 0 whatever ``q_a``; a finite ``log p_a`` with ``log q_a = −∞`` makes
+    the KL ``+∞``. Gradients are finite wherever the KL is.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> print(categorical_kl(jnp.log(jnp.array([0.5, 0.5])), jnp.log(jnp.array([1.0, 0.0]))))
+        inf
+    """
+    absent = log_p == NEG_INF
+    missing = ~absent & (log_q == NEG_INF)  # +∞ even when p_a underflows to 0
+    gap = jnp.where(absent | missing, 0, log_p - jnp.where(absent | missing, 0, log_q))
+    terms = jnp.where(missing, jnp.inf, jnp.where(absent, 0, jnp.exp(log_p) * gap))
+    return jnp.sum(terms, axis=axis)
 
 
 def first_nan_or_pos_inf(x) -> tuple[int, ...] | None:

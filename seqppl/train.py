@@ -31,7 +31,7 @@ from seqppl.distributions import ARM, EBM
 from seqppl.logspace import logsumexp
 from seqppl.space import MAX_ENUMERATE
 
-__all__ = ["fit", "trapezoid_schedule", "exact_risk", "CHECKPOINT_NAME"]
+__all__ = ["fit", "optimise", "trapezoid_schedule", "exact_risk", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pkl"
 RISK_CHUNK = 4096
@@ -162,38 +162,101 @@ def fit(
     else:
         loss_fn = _risk_loss(dist, target)
     optimizer = optimizer or optax.adam(trapezoid_schedule(learning_rate, steps))
+    params, history, stopped = optimise(
+        lambda params, step: (loss_fn(params, step), {}),
+        dist.params,
+        steps=steps,
+        optimizer=optimizer,
+        fingerprint=_fingerprint(dist, steps, data, target),
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        metrics=None if metrics is None else lambda params: metrics(dist.with_params(params)),
+        progress=progress,
+        desc="fit",
+    )
+    if stopped is not None:
+        raise FloatingPointError(stopped)
+    return dist.with_params(params), history
+
+
+def optimise(
+    loss_fn,
+    params,
+    *,
+    steps: int,
+    optimizer,
+    fingerprint: str,
+    checkpoint_dir=None,
+    checkpoint_every: int = 500,
+    log_every: int = 10,
+    metrics=None,
+    summarise=None,
+    should_stop=None,
+    progress: bool = True,
+    desc: str = "fit",
+):
+    """The training loop shared by ``fit`` and ``distill``: optax updates of ``params``.
+
+    Args:
+        loss_fn: ``loss_fn(params, step) -> (loss, aux)``, jittable; ``grad`` of ``loss``
+            drives the update and ``aux`` (a dict of arrays) is handed to ``summarise``.
+        fingerprint: what a checkpoint must match to be resumed (``_fingerprint``).
+        metrics: ``metrics(params) -> {name: float}`` at every logged step (before its update).
+        summarise: ``summarise(aux) -> {name: float}`` at every logged step (host side).
+        should_stop: ``should_stop(history) -> str | None``, asked after every logged step; a
+            message stops training there (the step's update is not applied).
+
+    Returns:
+        ``(params, history, stopped)``: the last good parameters, the history (numpy arrays,
+        ``step``, ``loss``, ``seconds`` and one per metric/summary), and None or the message
+        that stopped the run early. After a non-finite loss at step k the parameters that
+        gave it are dropped: the run goes back to step k − 1 (the last parameters with a finite
+        loss), and so do the history and the checkpoint written on stopping.
+    """
 
     @jax.jit
     def update(params, opt_state, step):
-        loss, grads = jax.value_and_grad(loss_fn)(params, step)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, aux
 
     state = {
         "step": 0,
-        "params": dist.params,
-        "opt_state": optimizer.init(dist.params),
+        "params": params,
+        "opt_state": optimizer.init(params),
         "history": {"step": [], "loss": []},
     }
-    fingerprint = _fingerprint(dist, steps, data, target)
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     if path is not None and path.exists():
         state = _load(path, fingerprint)
-    bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc="fit")
+    bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc=desc)
     started = time.perf_counter()
+    stopped = None
+    last_good = None  # the state before the last update whose loss was finite
     try:
         while state["step"] < steps:
             step = state["step"]
-            params, opt_state, loss = update(state["params"], state["opt_state"], step)
+            params, opt_state, loss, aux = update(state["params"], state["opt_state"], step)
             loss = float(loss)
             if not np.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss} at step {step}")
+                stopped = f"the loss is {loss} at step {step}"
+                if last_good is not None:  # these params gave it: go back one step
+                    state = _rewound(state, last_good)
+                    stopped += f"; parameters and checkpoint are those of step {state['step']}"
+                break
+            last_good = {k: state[k] for k in ("step", "params", "opt_state")}
             if step % log_every == 0 or step == steps - 1:
                 row = {"step": step, "loss": loss, "seconds": time.perf_counter() - started}
                 if metrics is not None:
-                    row.update(metrics(dist.with_params(state["params"])))
+                    row.update(metrics(state["params"]))
+                if summarise is not None:
+                    row.update(summarise(aux))
                 for name, value in row.items():
                     state["history"].setdefault(name, []).append(float(value))
+                stopped = None if should_stop is None else should_stop(state["history"])
+                if stopped is not None:
+                    break
             state.update(step=step + 1, params=params, opt_state=opt_state)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
@@ -209,7 +272,14 @@ def fit(
         _save(path, state, fingerprint)
     history = {k: np.asarray(v) for k, v in state["history"].items()}
     history["step"] = history["step"].astype(int)
-    return dist.with_params(state["params"]), history
+    return state["params"], history, stopped
+
+
+def _rewound(state, last_good):
+    """``last_good`` with the history rows of its step and later dropped (they will be redone)."""
+    keep = sum(1 for logged in state["history"]["step"] if logged < last_good["step"])
+    history = {name: values[:keep] for name, values in state["history"].items()}
+    return {**last_good, "history": history}
 
 
 def _log_partition_fn(dist, method, proposal, num_samples, key):
@@ -259,8 +329,8 @@ def _risk_loss(dist, target):
     return lambda params, step: exact_risk(dist.with_params(params), target)
 
 
-def _fingerprint(dist, steps, data, target) -> str:
-    """What must match for a checkpoint to belong to this run."""
+def _fingerprint(dist, steps, data, target, *extra: str) -> str:
+    """What must match for a checkpoint to belong to this run (``extra``: e.g. an objective)."""
     leaves = jax.tree.leaves(dist.params)
     parts = [
         type(dist).__name__,
@@ -270,6 +340,7 @@ def _fingerprint(dist, steps, data, target) -> str:
         str([(x.shape, str(x.dtype)) for x in leaves]),
         str(None if data is None else np.shape(data)),
         str(None if target is None else np.shape(target)),
+        *extra,
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 

@@ -130,3 +130,92 @@ def prefix_state(prefix, vocab_size: int) -> int:
     depth = len(prefix)
     offset = sum(vocab_size**d for d in range(depth))
     return int(offset + sum(a * vocab_size ** (depth - 1 - i) for i, a in enumerate(prefix)))
+
+
+def kl_np(log_p, log_q) -> float:
+    """Σ p (log p − log q) with 0 where log p = −∞ and ∞ where only log q = −∞ (log-space test)."""
+    total = 0.0
+    for a, b in zip(np.ravel(log_p), np.ravel(log_q), strict=True):
+        if a == -np.inf:
+            continue
+        if b == -np.inf:
+            return np.inf
+        total += np.exp(a) * (a - b)
+    return float(total)
+
+
+def active_prefixes(space):
+    """Every prefix h before a decision (no EOS in it), with its decision index t = len(h)."""
+    limit = space.length if space.eos else space.length - 1
+    for t in range(limit + 1):
+        yield from itertools.product(range(space.vocab_size), repeat=t)
+
+
+def target_policy(r, lat, prefix, prompt=None) -> np.ndarray:
+    """log π_R(a | prefix) ∝ log Σ over completions of exp(the rewards from decision t on)."""
+    space = lat.space
+    r = as_time_table(r, space.horizon)
+    t = len(prefix)
+    scores = np.full(space.num_actions, -np.inf)
+    for y in all_sequences(space.vocab_size, space.length, space.eos):
+        tau = response_length(y, space.eos_id)
+        if tau <= t or tuple(y[:t]) != tuple(prefix):
+            continue
+        states = walk(lat.delta, prompt_start(lat, prompt), y[:tau])
+        tail = sum(r[k, states[k], y[k]] for k in range(t, tau))
+        scores[y[t]] = np.logaddexp(scores[y[t]], tail)
+    return scores - logsumexp_np(scores) if np.isfinite(logsumexp_np(scores)) else scores
+
+
+def table_policy(q, lat, prefix, prompt=None) -> np.ndarray:
+    """log softmax of the ARM table's row at the prefix's state (only EOS at the last decision)."""
+    space = lat.space
+    q = as_time_table(q, space.horizon).copy()
+    if space.eos:
+        q[-1, :, : space.vocab_size] = -np.inf
+    t = len(prefix)
+    state = walk(lat.delta, prompt_start(lat, prompt), list(prefix) + [0])[-1]
+    row = q[t, state]
+    return row - logsumexp_np(row)
+
+
+def half_range_np(log_a, log_b) -> float:
+    dead_a, dead_b = np.isneginf(log_a), np.isneginf(log_b)
+    if np.any(dead_a ^ dead_b):
+        return np.inf
+    keep = ~dead_a
+    if not keep.any():
+        return 0.0
+    gap = log_a[keep] - log_b[keep]
+    return float(gap.max() - gap.min()) / 2
+
+
+def distillation_errors(r, lat_r, q, lat_q, prompt=None) -> dict:
+    """Both KLs, TV, per-position reverse KL and ε of a table ARM against a table EBM."""
+    space = lat_r.space
+    seqs = all_sequences(space.vocab_size, space.length, space.eos)
+    rewards = np.array([sequence_reward(r, lat_r, y, prompt) for y in seqs])
+    log_p = rewards - logsumexp_np(rewards)
+    log_q = np.array([arm_log_prob(q, lat_q, y, prompt) for y in seqs])
+    per_position = np.zeros(space.horizon)
+    epsilon = 0.0
+    for prefix in active_prefixes(space):
+        t = len(prefix)
+        extends = np.array([tuple(y[:t]) == prefix for y in seqs])
+        mass_q = logsumexp_np(log_q[extends])
+        mass_p = logsumexp_np(log_p[extends])
+        if mass_q == -np.inf and mass_p == -np.inf:
+            continue
+        pi_p = target_policy(r, lat_r, prefix, prompt)
+        pi_q = table_policy(q, lat_q, prefix, prompt)
+        epsilon = max(epsilon, half_range_np(pi_p, pi_q))
+        if mass_q > -np.inf:
+            kl = kl_np(pi_q, pi_p)
+            per_position[t] += np.inf if kl == np.inf else np.exp(mass_q) * kl
+    return {
+        "kl_reverse": kl_np(log_q, log_p),
+        "kl_forward": kl_np(log_p, log_q),
+        "tv": 0.5 * float(np.abs(np.exp(log_p) - np.exp(log_q)).sum()),
+        "per_position_kl": per_position,
+        "logit_error": epsilon,
+    }

@@ -29,6 +29,8 @@ DESIGN_NAMES = [
     "fit",
     "log_partition",
     "PartitionEstimate",
+    "distill",
+    "distillation_error",
 ]
 MODULES = sorted(
     m.name

@@ -34,6 +34,7 @@ def test_every_example_is_covered_here():
         "bayesian_ngram.py",
         "stdlib_charlm.py",
         "partition_estimation.py",
+        "lookahead.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
@@ -85,3 +86,16 @@ def test_partition_estimation():
         assert abs(z_score) <= 4 and abs(log_z - exact) <= 4 * stderr, line
     assert number_after("k-hat =", text) > 0.7 and "EstimateWarning: " in text
     assert number_after("|IS - SMC| / combined stderr =", text) <= 4
+
+
+def test_lookahead():
+    text = run_example("lookahead.py")
+    assert text.count("all digit sums divisible by 3 (4096 samples): True") == 2
+    assert number_after("max |log p_ARM - log p_EBM| over the support", text) < 1e-4
+    constrained = float(text.split("(ii)")[1].split("KL(student ‖ target) =")[1].split()[0])
+    assert constrained > 0.1  # the constrained decoder is measurably off the target
+    assert number_after("KL reduction by distillation:", text) >= 5
+    assert number_after("share of the constrained decoder's KL in the second half:", text) > 0.5
+    mc = re.search(r"reverse KL: ([0-9.]+) \[([0-9.]+), ([0-9.]+)\] \(exact ([0-9.]+)\)", text)
+    estimate, low, high, exact = (float(g) for g in mc.groups())
+    assert abs(estimate - exact) <= 4 * (high - low) / (2 * 1.96)

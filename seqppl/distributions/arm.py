@@ -135,6 +135,11 @@ class ARM(Distribution):
         flat = table.reshape((1,) * (len(lead) - len(batch)) + (*batch, T * S, A))
         return jnp.take_along_axis(flat, rows[..., None], axis=-2)
 
+    def log_policies(self, tokens) -> jax.Array:
+        """Normalised next-token log-probabilities ``log π(· | s_t)`` ``[..., T, A]`` at every
+        decision along ``tokens [..., T]`` (space mask applied; rows after EOS are not used)."""
+        return log_softmax(self.space.mask_logits(self.logits(tokens)), -1)
+
     def log_policy_table(self) -> jax.Array:
         """Table ARMs: ``log π[t, s, a]`` ``[*B, T, S, A]`` (last-decision mask applied)."""
         if self.lattice is None:
@@ -171,7 +176,8 @@ class ARM(Distribution):
         elif self.lattice is not None:
             log_p = self.lattice.path_scores(self.log_policy_table(), safe, self.prompt).sum(-1)
         else:
-            log_p = _sequence_log_prob(self.logits(safe), safe, self.space)
+            chosen = jnp.take_along_axis(self.log_policies(safe), safe[..., None], -1)[..., 0]
+            log_p = jnp.sum(jnp.where(self.space.active(safe), chosen, 0), -1)
         return jnp.where(jnp.broadcast_to(ok, log_p.shape), log_p, -jnp.inf)
 
     def _homogeneous_log_prob(self, tokens):
@@ -296,10 +302,3 @@ def _table_rows(q):
         return jnp.take_along_axis(at_t, s[..., None, None], axis=-2)[..., 0, :]
 
     return rows
-
-
-def _sequence_log_prob(logits, tokens, space: SequenceSpace) -> jax.Array:
-    """``Σ_{t ≤ τ} log softmax(q_t)[y_t]`` ``[...]`` from logits ``[..., T, A]`` (mask applied)."""
-    log_p = log_softmax(space.mask_logits(logits), -1)
-    chosen = jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(space.active(tokens), chosen, 0), -1)

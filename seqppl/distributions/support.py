@@ -121,3 +121,19 @@ def map_over_batch(fn, batch_shape, table, prompt):
         prompt_axis = 0
     out = jax.vmap(fn, in_axes=(table_axis, prompt_axis))(table, prompt)
     return jax.tree.map(lambda x: x.reshape(*batch_shape, *x.shape[1:]), out)
+
+
+def map_in_chunks(fn, tokens, chunk_size: int):
+    """``fn(tokens)`` for tokens ``[N, T]`` evaluated ``chunk_size`` rows at a time (bounded
+    memory; one ``lax.map``), outputs (a pytree of ``[N, …]`` arrays) concatenated.
+
+    The last chunk is padded with copies of the first row, whose outputs are dropped.
+    """
+    tokens = jnp.asarray(tokens)
+    n = tokens.shape[0]
+    chunks = -(-n // chunk_size)
+    padded = jnp.concatenate(
+        [tokens, jnp.broadcast_to(tokens[:1], (chunks * chunk_size - n, *tokens.shape[1:]))]
+    )
+    out = jax.lax.map(fn, padded.reshape(chunks, chunk_size, *tokens.shape[1:]))
+    return jax.tree.map(lambda x: x.reshape(chunks * chunk_size, *x.shape[2:])[:n], out)

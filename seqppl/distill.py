@@ -1,0 +1,324 @@
+"""Distilling an EBM into an ARM (THEORY §4): KL-regularised fine-tuning: ``argmin_q KL(p_q‖p_R)``.
+
+Four objectives, each a loss ``(params, step) -> (value, diagnostics)`` for the training loop
+shared with ``fit`` (progress bar, atomic checkpoints, resume, Ctrl-C):
+
+- ``"reverse_kl"``: ``KL(p_q ‖ p_R) = E_q[log q − R] + A``. Exact gradients by enumeration on
+  small spaces; otherwise the score-function estimator ``E_q[(log q − R − b) ∇ log q]`` with a
+  leave-one-out baseline ``b``.
+- ``"forward_kl"``: ``KL(p_R ‖ p_q) = E_{p_R}[log p_R − log q]``, gradient ``−Σ_i w̄_i ∇ log q(y_i)``
+  with self-normalised weights ``w_i ∝ exp(R(y_i) − log π(y_i))`` of draws from a proposal π
+  (the student itself, detached, or a given ARM): distributional policy gradients.
+- ``"soft_bellman"``: squared soft-Bellman residuals along draws of the student,
+  ``q(s_t, y_t) ← r(s_t, y_t) + logsumexp q(s_{t+1}, ·)`` (the target detached; 0 after the end):
+  the fixed point is ``q = M(r)``. Needs the target's local rewards (a lattice EBM).
+- ``"exact"``: the exact ``KL(p_R ‖ p_q)`` over every sequence (cross-entropy to the target's
+  exact probabilities minus its entropy); enumerable spaces only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from seqppl.diagnostics import EstimateWarning, kish_ess, pareto_khat
+from seqppl.distillation_report import distillation_error
+from seqppl.distributions import ARM, EBM
+from seqppl.distributions.support import map_in_chunks
+from seqppl.estimate import check_proposal
+from seqppl.logspace import categorical_kl, logsumexp, softmax
+from seqppl.space import MAX_ENUMERATE
+from seqppl.train import RISK_CHUNK, _fingerprint, exact_risk, optimise, trapezoid_schedule
+
+__all__ = ["distill", "OBJECTIVES", "EXACT_GRADIENT_MAX", "DistillationStopped"]
+
+OBJECTIVES = ("reverse_kl", "forward_kl", "soft_bellman", "exact")
+EXACT_GRADIENT_MAX = 1 << 16
+"""``reverse_kl`` with ``estimator="auto"`` enumerates spaces up to this many sequences."""
+EVALUATE_EXACT_MAX = 1 << 16
+"""``evaluate="auto"`` reports exactly up to this many sequences, by Monte Carlo beyond."""
+
+
+class DistillationStopped(UserWarning):
+    """Distillation stopped early: a non-finite loss, or untrustworthy importance weights."""
+
+
+def distill(
+    ebm,
+    student,
+    objective: str = "reverse_kl",
+    *,
+    steps: int = 1000,
+    key,
+    optimizer=None,
+    learning_rate: float = 1e-2,
+    num_samples: int = 256,
+    estimator: str = "auto",
+    proposal="student",
+    evaluate="auto",
+    eval_samples: int = 1024,
+    log_every: int = 50,
+    checkpoint_dir=None,
+    checkpoint_every: int = 500,
+    max_khat: float = 0.7,
+    patience: int = 3,
+    progress: bool = True,
+):
+    """Train ``student.params`` to approximate ``ebm``; returns ``(trained student, history)``.
+
+    Args:
+        ebm: the target ``EBM`` (batch shape ``()``).
+        student: a trainable ``ARM`` (table, callable with ``params=``, or NNX) over the same
+            space and prompt.
+        objective: one of ``OBJECTIVES`` (module docstring).
+        steps: optimiser steps.
+        key: PRNG key; step k's draws use ``fold_in(key, k)``.
+        optimizer: an optax transformation; default Adam on
+            ``trapezoid_schedule(learning_rate, steps)`` (warm-up, constant, linear decay).
+        learning_rate: the default optimiser's peak rate (1e-2).
+        num_samples: draws per step for the sampled objectives.
+        estimator: ``reverse_kl`` only: ``"auto"`` (exact gradients up to
+            ``EXACT_GRADIENT_MAX`` sequences), ``"exact"`` or ``"score_function"``.
+        proposal: ``forward_kl`` only: ``"student"`` (its current parameters, detached) or a
+            fixed ``ARM``.
+        evaluate: ``"auto"``, ``"exact"``, ``"mc"`` or None: a ``distillation_error`` report at
+            every logged step (before its update), adding ``kl_reverse``, ``kl_reverse_low``,
+            ``kl_reverse_high``, ``kl_forward`` (with ``_low``/``_high``), ``logit_error`` and
+            ``bound`` (where available) to the history. Monte Carlo reports use
+            ``eval_samples`` draws and one fixed key (common random numbers across steps).
+        log_every, checkpoint_dir, checkpoint_every, progress: as in ``fit``.
+        max_khat, patience: ``forward_kl`` stops when the Pareto k-hat of its weights exceeds
+            ``max_khat`` at ``patience`` consecutive logged steps (the gradient estimates are
+            no longer trustworthy).
+
+    Returns:
+        ``(student.with_params(trained), history)``: ``history`` is a dict of numpy arrays
+        (``step``, ``loss``, ``seconds``, plus ``ess`` and ``khat`` for ``forward_kl`` and the
+        evaluation columns); when training stopped early, ``history["stop_reason"]`` holds the
+        message, a ``DistillationStopped`` warning is raised, and the parameters are the last
+        good ones (also in the checkpoint).
+
+    The reported ``loss`` is ``KL(p_q ‖ p_R)`` for ``reverse_kl`` (an estimate when sampled; the
+    negative ELBO if ``log Z`` is intractable), ``KL(p_R ‖ p_q)`` for ``forward_kl`` (the
+    self-normalised estimate) and ``exact``, and the mean squared residual per sequence for
+    ``soft_bellman``.
+    """
+    if not isinstance(ebm, EBM):
+        raise TypeError(f"ebm must be an EBM, got {type(ebm).__name__}")
+    if ebm.batch_shape != ():
+        raise ValueError(f"ebm has batch shape {ebm.batch_shape}; distil one prompt at a time")
+    check_proposal(ebm, student, "student")
+    if student.params is None:
+        raise ValueError("student has no params to train (from_table, params= or from_nnx)")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    for name, value in [("steps", steps), ("num_samples", num_samples), ("log_every", log_every)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if key is None or not (
+        isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    ):
+        raise TypeError(f"key must be a jax.random.key(...), got {key!r}")
+    loss_fn, summarise = _objective(ebm, student, objective, key, num_samples, estimator, proposal)
+    metrics = _evaluation(ebm, student, evaluate, eval_samples, key)
+    optimizer = optimizer or optax.adam(trapezoid_schedule(learning_rate, steps))
+
+    def should_stop(history):
+        recent = history.get("khat", [])[-patience:]
+        if len(recent) == patience and all(k > max_khat for k in recent):
+            return (
+                f"the importance weights' k-hat exceeded {max_khat} at {patience} logged steps "
+                f"in a row (last {recent[-1]:.2f}): the gradient estimates are not trustworthy"
+            )
+        return None
+
+    params, history, stopped = optimise(
+        loss_fn,
+        student.params,
+        steps=steps,
+        optimizer=optimizer,
+        fingerprint=_fingerprint(student, steps, None, None, "distill", objective),
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        metrics=metrics,
+        summarise=summarise,
+        should_stop=should_stop,
+        progress=progress,
+        desc=f"distill ({objective})",
+    )
+    if stopped is not None:
+        history["stop_reason"] = stopped
+        warnings.warn(f"distillation stopped: {stopped}", DistillationStopped, stacklevel=2)
+    return student.with_params(params), history
+
+
+def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
+    """``(loss_fn(params, step) -> (value, aux), summarise(aux) -> dict | None)``."""
+    space = ebm.space
+    if objective == "soft_bellman":
+        if not ebm.is_lattice:
+            raise ValueError(
+                "objective='soft_bellman' needs the target's local rewards (an EBM whose parts "
+                "are all lattice tables); for this target use 'reverse_kl' or 'forward_kl'"
+                + (" or 'exact'" if space.num_sequences <= MAX_ENUMERATE else "")
+            )
+        return _soft_bellman(ebm, student, key, num_samples), None
+    if objective == "exact" or (objective == "reverse_kl" and _exact_gradients(space, estimator)):
+        if space.num_sequences > MAX_ENUMERATE:
+            raise ValueError(
+                f"objective='exact' enumerates the space ({space.num_sequences} sequences, more "
+                f"than {MAX_ENUMERATE}); use 'reverse_kl', 'forward_kl' or 'soft_bellman'"
+            )
+        seqs = jnp.asarray(space.enumerate())
+        log_p = jax.jit(lambda e: map_in_chunks(e.log_prob, seqs, RISK_CHUNK))(ebm)
+        if objective == "exact":
+            entropy = -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0))
+            return lambda params, step: (
+                exact_risk(student.with_params(params), log_p) - entropy,
+                {},
+            ), None
+
+        def reverse(params, step):
+            model = student.with_params(params)
+            return categorical_kl(map_in_chunks(model.log_prob, seqs, RISK_CHUNK), log_p, 0), {}
+
+        return reverse, None
+    if objective == "reverse_kl":
+        return _score_function(ebm, student, key, num_samples), None
+    return _forward_kl(ebm, student, key, num_samples, proposal)
+
+
+def _exact_gradients(space, estimator) -> bool:
+    if estimator not in ("auto", "exact", "score_function"):
+        raise ValueError(
+            f"estimator must be 'auto', 'exact' or 'score_function', got {estimator!r}"
+        )
+    if estimator == "auto":
+        return space.num_sequences <= EXACT_GRADIENT_MAX
+    return estimator == "exact"
+
+
+def _exact_log_z(ebm):
+    """The EBM's exact log Z, or None when it has none."""
+    try:
+        return ebm.log_partition()
+    except ValueError:
+        return None
+
+
+def _score_function(ebm, student, key, num_samples):
+    """``mean((f_i − b_i) ∇ log q(y_i))``, ``f = log q − R``, ``b_i`` the mean of the others."""
+    log_z = _exact_log_z(ebm)
+
+    def loss(params, step):
+        model = student.with_params(params)
+        detached = student.with_params(jax.lax.stop_gradient(params))
+        tokens = detached.sample(jax.random.fold_in(key, step), (num_samples,))
+        log_q = model.log_prob(tokens)
+        f = jax.lax.stop_gradient(log_q) - ebm.unnormalized_log_prob(tokens)
+        baseline = (jnp.sum(f) - f) / (num_samples - 1)
+        surrogate = jnp.mean((f - baseline) * log_q)
+        value = jnp.mean(f) + (0.0 if log_z is None else log_z)
+        return surrogate - jax.lax.stop_gradient(surrogate) + value, {}
+
+    return loss
+
+
+def _forward_kl(ebm, student, key, num_samples, proposal):
+    """Self-normalised importance sampling of ``−E_{p_R}[∇ log q]`` (DPG)."""
+    if not (proposal == "student" or isinstance(proposal, ARM)):
+        raise ValueError(f"proposal must be 'student' or an ARM, got {proposal!r}")
+    if isinstance(proposal, ARM):
+        check_proposal(ebm, proposal, "proposal")
+    log_z = _exact_log_z(ebm)
+
+    def loss(params, step):
+        model = student.with_params(params)
+        behaviour = (
+            student.with_params(jax.lax.stop_gradient(params))
+            if proposal == "student"
+            else proposal
+        )
+        tokens, (steps,) = behaviour.sample_with_intermediates(
+            jax.random.fold_in(key, step), (num_samples,)
+        )
+        rewards = ebm.unnormalized_log_prob(tokens)
+        log_w = rewards - steps.sum(-1)
+        weights = softmax(log_w, 0)
+        log_q = model.log_prob(tokens)
+        kept = weights > 0
+        cross = jnp.sum(jnp.where(kept, weights * (rewards - jnp.where(kept, log_q, 0)), 0))
+        estimate = logsumexp(log_w, 0) - jnp.log(num_samples) if log_z is None else log_z
+        surrogate = -jnp.sum(jax.lax.stop_gradient(weights) * jnp.where(kept, log_q, 0))
+        value = jnp.where(jnp.any(kept), cross - estimate, jnp.nan)
+        return surrogate - jax.lax.stop_gradient(surrogate) + value, {"log_w": log_w}
+
+    def summarise(aux):
+        log_w = np.asarray(aux["log_w"], np.float64)
+        return {"ess": kish_ess(log_w), "khat": pareto_khat(log_w)}
+
+    return loss, summarise
+
+
+def _soft_bellman(ebm, student, key, num_samples):
+    """Mean over student draws of ``Σ_t (q(s_t, y_t) − r_t − [t+1 active] V_q(s_{t+1}))²``."""
+    space, joint, table = ebm.space, ebm.joint, ebm.reward_table()
+
+    def loss(params, step):
+        model = student.with_params(params)
+        detached = student.with_params(jax.lax.stop_gradient(params))
+        tokens = detached.sample(jax.random.fold_in(key, step), (num_samples,))
+        logits = space.mask_logits(model.logits(tokens))  # [N, T, A]
+        taken = jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
+        active = space.active(tokens)
+        following = jnp.concatenate([active[..., 1:], jnp.zeros_like(active[..., :1])], -1)
+        next_value = jnp.concatenate(
+            [logsumexp(logits[..., 1:, :], -1), jnp.zeros_like(taken[..., :1])], -1
+        )
+        target = joint.path_scores(table, tokens, ebm.prompt) + jnp.where(
+            following, jax.lax.stop_gradient(next_value), 0
+        )
+        residual = jnp.where(active, taken - target, 0)
+        return jnp.mean(jnp.sum(residual**2, -1)), {}
+
+    return loss
+
+
+def _evaluation(ebm, student, evaluate, eval_samples, key):
+    """``metrics(params) -> dict`` from a distillation report, or None."""
+    if evaluate is None:
+        return None
+    if evaluate == "auto":
+        evaluate = "exact" if ebm.space.num_sequences <= EVALUATE_EXACT_MAX else "mc"
+    if evaluate not in ("exact", "mc"):
+        raise ValueError(f"evaluate must be 'auto', 'exact', 'mc' or None, got {evaluate!r}")
+    eval_key = jax.random.fold_in(key, np.iinfo(np.int32).max)
+
+    def metrics(params):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EstimateWarning)
+            report = distillation_error(
+                ebm,
+                student.with_params(params),
+                evaluate,
+                num_samples=eval_samples,
+                key=eval_key,
+            )
+        row = {
+            "kl_reverse": report.kl_reverse,
+            "kl_reverse_low": report.kl_reverse_interval[0],
+            "kl_reverse_high": report.kl_reverse_interval[1],
+            "kl_forward": report.kl_forward,
+            "kl_forward_low": report.kl_forward_interval[0],
+            "kl_forward_high": report.kl_forward_interval[1],
+        }
+        if report.bound is not None:
+            row.update(logit_error=report.logit_error, bound=report.bound)
+        return row
+
+    return metrics

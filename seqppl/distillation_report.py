@@ -1,0 +1,482 @@
+"""How far an ARM is from a target EBM (THEORY §4): both KLs, TV, the per-position split of the
+reverse KL, the logit error ε and the bound ``2T·ε``.
+
+Exact mode enumerates the space. Monte Carlo mode draws from the student (and from the target
+when it samples exactly) and gives normal intervals from the ELBO/EUBO sandwich:
+``KL(p_q ‖ p_R) = log Z − E_q[R − log q]`` and ``KL(p_R ‖ p_q) = E_{p_R}[R − log q] − log Z``.
+When the target has an exact ARM (a lattice EBM, or an enumerable space) the reverse KL is the
+chain rule's Rao–Blackwellised sum ``Σ_t E_{s_t ~ p_q} KL(π_q(·|s_t) ‖ π_R(·|s_t))``, which also
+gives the per-position split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from statistics import NormalDist
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqppl.diagnostics import kish_ess, pareto_khat
+from seqppl.distributions import ARM, EBM, to_arm
+from seqppl.distributions.support import map_in_chunks
+from seqppl.estimate import (
+    Proposal,
+    check_proposal,
+    exact_draws,
+    mean_and_stderr,
+    normal_interval,
+    rewards_and_log_q,
+)
+from seqppl.logspace import categorical_kl, softmax
+from seqppl.partition import log_partition
+from seqppl.space import MAX_ENUMERATE
+
+__all__ = ["DistillationReport", "distillation_error", "plot_distillation_history"]
+
+REPORT_CHUNK = 1024
+"""Sequences whose next-token policies (``[chunk, T, A]``, both models) are held at once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillationReport:
+    """The distillation error of an ARM ``p_q`` against an EBM ``p_R`` (THEORY §4).
+
+    Attributes:
+        kl_reverse, kl_forward: ``KL(p_q ‖ p_R)`` (the RL direction) and ``KL(p_R ‖ p_q)``.
+        kl_reverse_interval, kl_forward_interval: ``level`` intervals (normal, clipped at 0;
+            ``(v, v)`` in exact mode and for an infinite KL).
+        kl_reverse_stderr, kl_forward_stderr: their standard errors (0 in exact mode).
+        tv: total variation (exact mode; None in Monte Carlo mode).
+        per_position_kl: ``[T]``, position t's ``E_{s_t ~ p_q} KL(π_q ‖ π_R)`` (sums to
+            ``kl_reverse``); None when the target has no exact ARM (``notes`` says why).
+        per_position_kl_stderr: ``[T]`` in Monte Carlo mode, zeros in exact mode.
+        logit_error: ε, the largest half-range over states of the finite gaps ``M(r) − q``
+            (∞ where exactly one of the two is −∞), over ``logit_error_scope``.
+        bound: ``2T·ε``, an upper bound on both KLs (a lower estimate of it in Monte Carlo
+            mode, where ε covers visited states only).
+        logit_error_scope: ``"reachable states"`` (exact) or ``"visited states (lower
+            estimate)"`` (Monte Carlo).
+        method, level, horizon, num_samples: how the report was made.
+        notes: the estimators used and why a figure is missing.
+        extras: ``log_z``, ``log_z_stderr``, ``elbo``, ``eubo``, ``khat`` and ``ess`` of the
+            student-as-proposal weights where they were computed.
+    """
+
+    kl_reverse: float
+    kl_forward: float
+    kl_reverse_interval: tuple[float, float]
+    kl_forward_interval: tuple[float, float]
+    kl_reverse_stderr: float
+    kl_forward_stderr: float
+    tv: float | None
+    per_position_kl: np.ndarray | None
+    per_position_kl_stderr: np.ndarray | None
+    logit_error: float | None
+    bound: float | None
+    logit_error_scope: str
+    method: str
+    level: float
+    horizon: int
+    num_samples: int | None = None
+    notes: tuple[str, ...] = ()
+    extras: dict = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        def interval(low, high):
+            return f"[{low:.4g}, {high:.4g}]"
+
+        lines = [
+            f"distillation error ({self.method}, {100 * self.level:g}% intervals)",
+            f"  KL(student ‖ target) = {self.kl_reverse:.6g} {interval(*self.kl_reverse_interval)}",
+            f"  KL(target ‖ student) = {self.kl_forward:.6g} {interval(*self.kl_forward_interval)}",
+        ]
+        if self.tv is not None:
+            lines.append(f"  TV = {self.tv:.6g}")
+        if self.logit_error is not None:
+            lines.append(
+                f"  logit error ε = {self.logit_error:.6g} over {self.logit_error_scope}; "
+                f"bound 2T·ε = {self.bound:.6g} (T = {self.horizon})"
+            )
+        if self.per_position_kl is not None:
+            worst = int(np.argmax(self.per_position_kl))
+            lines.append(
+                f"  largest per-position KL at t = {worst}: {self.per_position_kl[worst]:.4g}"
+            )
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    def attrs(self) -> dict:
+        """The scalar fields as a flat dict (None as NaN; intervals as ``*_low``/``*_high``;
+        notes joined), ready for netCDF attributes and tables."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            name = field.name
+            if name.endswith("_interval"):
+                out[f"{name}_low"], out[f"{name}_high"] = (float(v) for v in value)
+            elif name in ("method", "logit_error_scope"):
+                out[name] = value
+            elif name == "notes":
+                out[name] = " | ".join(value)
+            elif name == "extras":
+                out.update({k: float("nan") if v is None else float(v) for k, v in value.items()})
+            elif name not in ("per_position_kl", "per_position_kl_stderr"):
+                out[name] = float("nan") if value is None else float(value)
+        return out
+
+    def to_datatree(self):
+        """An ``xarray.DataTree``: the scalar fields in the root's ``attrs``; the group
+        ``per_position`` holds ``kl`` and ``kl_stderr`` over ``position`` when available."""
+        import xarray as xr
+
+        tree = xr.DataTree()
+        tree.attrs.update(self.attrs())
+        if self.per_position_kl is not None:
+            tree["per_position"] = xr.DataTree(
+                xr.Dataset(
+                    {
+                        "kl": ("position", np.asarray(self.per_position_kl, np.float64)),
+                        "kl_stderr": (
+                            "position",
+                            np.asarray(self.per_position_kl_stderr, np.float64),
+                        ),
+                    },
+                    coords={"position": np.arange(self.horizon)},
+                )
+            )
+        return tree
+
+    def plot(self, ax=None):
+        """Per-position KL with its intervals, and the KL total against the bound; an ``Axes``."""
+        import matplotlib.pyplot as plt
+
+        if self.per_position_kl is None:
+            raise ValueError(f"no per-position KL to plot: {'; '.join(self.notes)}")
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.2))
+        kl = np.asarray(self.per_position_kl)
+        half = _z(self.level) * np.asarray(self.per_position_kl_stderr)
+        positions = np.arange(kl.size)
+        ax.bar(positions, kl, color="tab:blue", alpha=0.8, label="E KL(π_student ‖ π_target)")
+        if np.any(half > 0):
+            ax.errorbar(positions, kl, yerr=half, fmt="none", color="black", capsize=2)
+        title = f"KL(student ‖ target) = {self.kl_reverse:.3g}"
+        if self.bound is not None:
+            title += f", bound 2T·ε = {self.bound:.3g}"
+        ax.set(xlabel="position t", ylabel="KL (nats)", title=title)
+        ax.legend(frameon=False)
+        return ax
+
+
+def distillation_error(
+    ebm,
+    arm,
+    method: str = "exact",
+    *,
+    num_samples: int = 4096,
+    key=None,
+    level: float = 0.95,
+    target_samples="auto",
+) -> DistillationReport:
+    """The distillation error of ``arm`` (the student ``p_q``) against ``ebm`` (``p_R``).
+
+    Args:
+        ebm: the target ``EBM`` (batch shape ``()``).
+        arm: the student ``ARM`` over the same space and prompt.
+        method: ``"exact"`` (enumerates the space; ``MAX_ENUMERATE`` sequences at most; needs an
+            exact ``log Z``) or ``"mc"``.
+        num_samples: Monte Carlo: student draws, and exact target draws for the forward KL.
+        key: Monte Carlo: a PRNG key.
+        level: interval coverage.
+        target_samples: Monte Carlo: ``"auto"`` (exact draws when the EBM is a lattice or the
+            space is enumerable), None, or int ``[M, T]`` exact draws of the target. Without
+            them the forward KL is self-normalised importance sampling with the student as
+            proposal (biased; labelled in ``notes``).
+
+    Returns:
+        a ``DistillationReport``. The per-position split and ε need the target's next-token
+        policy ``M(r)`` (``to_arm``): available for lattice EBMs and enumerable spaces.
+
+    Raises:
+        TypeError / ValueError: bad arguments (a student over another space or prompt, an
+            unknown method, a space too large for ``"exact"``).
+    """
+    if not isinstance(ebm, EBM):
+        raise TypeError(f"ebm must be an EBM, got {type(ebm).__name__}")
+    if ebm.batch_shape != ():
+        raise ValueError(f"ebm has batch shape {ebm.batch_shape}; report one prompt at a time")
+    check_proposal(ebm, arm, "arm")
+    if not (isinstance(level, float) and 0 < level < 1):
+        raise ValueError(f"level must be a float in (0, 1), got {level!r}")
+    teacher, reason = _teacher(ebm)
+    if method == "exact":
+        return _exact(ebm, arm, teacher, reason, level)
+    if method != "mc":
+        raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    if key is None or not (
+        isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    ):
+        raise TypeError(f"method='mc' needs key=jax.random.key(...), got {key!r}")
+    return _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samples)
+
+
+# -- exact mode -------------------------------------------------------------------------------
+
+
+def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
+    space = ebm.space
+    if space.num_sequences > MAX_ENUMERATE:
+        raise ValueError(
+            f"method='exact' enumerates the space, which has {space.num_sequences} sequences "
+            f"(more than {MAX_ENUMERATE}); use method='mc' with key="
+        )
+    if ebm.log_partition_source != "exact":
+        raise ValueError("method='exact' needs the EBM's exact log Z, not an attached estimate")
+    seqs = jnp.asarray(space.enumerate())
+    log_p, log_q = (np.asarray(x, np.float64) for x in _log_probs(ebm, arm, seqs))
+    kl_reverse = float(categorical_kl(log_q, log_p, 0))
+    kl_forward = float(categorical_kl(log_p, log_q, 0))
+    tv = 0.5 * float(np.sum(np.abs(np.exp(log_p) - np.exp(log_q))))
+    per_position = logit_error = bound = None
+    notes = [] if teacher is not None else [reason]
+    if teacher is not None:
+        kl_t, eps_t = (np.asarray(x, np.float64) for x in _path_terms_chunked(arm, teacher, seqs))
+        supported = (log_q > -np.inf)[:, None]  # 0 · ∞ = 0 off the student's support only
+        with np.errstate(invalid="ignore"):
+            weighted = np.where(kl_t == np.inf, np.inf, np.exp(log_q)[:, None] * kl_t)
+        per_position = np.where(supported, weighted, 0).sum(0)
+        reachable = (log_p > -np.inf) | (log_q > -np.inf)
+        logit_error = float(eps_t[reachable].max()) if reachable.any() else 0.0
+        bound = 2 * space.horizon * logit_error
+    zeros = None if per_position is None else np.zeros_like(per_position)
+    return DistillationReport(
+        kl_reverse=kl_reverse,
+        kl_forward=kl_forward,
+        kl_reverse_interval=(kl_reverse, kl_reverse),
+        kl_forward_interval=(kl_forward, kl_forward),
+        kl_reverse_stderr=0.0,
+        kl_forward_stderr=0.0,
+        tv=tv,
+        per_position_kl=per_position,
+        per_position_kl_stderr=zeros,
+        logit_error=logit_error,
+        bound=bound,
+        logit_error_scope="reachable states",
+        method="exact",
+        level=level,
+        horizon=space.horizon,
+        notes=tuple(notes),
+    )
+
+
+@jax.jit
+def _log_probs(ebm, arm, seqs):
+    """``(log p_R, log p_q)`` ``[N]`` over enumerated sequences, in chunks."""
+    return map_in_chunks(lambda y: (ebm.log_prob(y), arm.log_prob(y)), seqs, REPORT_CHUNK)
+
+
+@jax.jit
+def _path_terms_chunked(student, teacher, tokens):
+    return map_in_chunks(lambda y: path_terms(student, teacher, y), tokens, REPORT_CHUNK)
+
+
+def path_terms(student: ARM, teacher: ARM, tokens):
+    """Per decision along ``tokens [N, T]``: the next-token ``KL(π_student ‖ π_teacher)`` and the
+    half-range ``ε_t`` of the finite gaps ``log π_teacher − log π_student`` (∞ where exactly one
+    is −∞), both ``[N, T]`` and 0 after the response ends."""
+    log_s = student.log_policies(tokens)
+    log_t = teacher.log_policies(tokens)
+    active = student.space.active(tokens)
+    kl = categorical_kl(log_s, log_t)
+    return jnp.where(active, kl, 0), jnp.where(active, half_range_gap(log_t, log_s), 0)
+
+
+def half_range_gap(log_a, log_b) -> jax.Array:
+    """``(max Δ − min Δ) / 2`` over the last axis for ``Δ = log_a − log_b`` (THEORY §4's
+    tightest per-state shift): entries −∞ in both are left out; ∞ if exactly one is −∞."""
+    dead_a, dead_b = log_a == -jnp.inf, log_b == -jnp.inf
+    skip = dead_a | dead_b
+    gap = jnp.where(skip, 0, log_a - jnp.where(skip, 0, log_b))
+    high = jnp.max(jnp.where(skip, -jnp.inf, gap), -1)
+    low = jnp.min(jnp.where(skip, jnp.inf, gap), -1)
+    half = jnp.where(jnp.isfinite(high), (high - low) / 2, 0)
+    return jnp.where(jnp.any(dead_a ^ dead_b, -1), jnp.inf, half)
+
+
+# -- Monte Carlo mode -------------------------------------------------------------------------
+
+
+def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samples):
+    student_key, target_key, log_z_key = jax.random.split(key, 3)
+    notes = [] if teacher is not None else [reason]
+    ys, rewards, log_q = (np.asarray(x) for x in _student_draws(ebm, arm, student_key, num_samples))
+    log_w = rewards.astype(np.float64) - log_q
+    log_z, log_z_se, note = _log_z(ebm, arm, num_samples, log_z_key)
+    notes += [note] if note else []
+    visited_eps = []
+    per_position = per_position_se = None
+    if teacher is not None:
+        kl_t, eps_t = (np.asarray(x, np.float64) for x in _path_terms_chunked(arm, teacher, ys))
+        per_position = kl_t.mean(0)
+        per_position_se = kl_t.std(0, ddof=1) / np.sqrt(num_samples)
+        kl_reverse, kl_reverse_se = mean_and_stderr(kl_t.sum(-1))
+        visited_eps.append(eps_t.max())
+        notes.append(
+            f"KL(student ‖ target): chain-rule sum of exact next-token KLs along {num_samples} "
+            "student draws"
+        )
+    else:
+        elbo, elbo_se = mean_and_stderr(log_w)
+        kl_reverse = log_z - elbo
+        kl_reverse_se = float(np.hypot(elbo_se, log_z_se))
+        notes.append("KL(student ‖ target) = log Z − ELBO (student draws)")
+    draws = _target_draws(ebm, target_samples, num_samples, target_key)
+    eubo = None
+    if draws is not None:
+        target_rewards, target_log_q = (
+            np.asarray(x, np.float64) for x in rewards_and_log_q(ebm, Proposal(arm), draws)
+        )
+        if np.any(target_rewards == -np.inf):
+            raise ValueError("target_samples hold a sequence with R = -inf: not target draws")
+        if np.any(target_log_q == -np.inf):
+            eubo, eubo_se = np.inf, 0.0
+        else:
+            eubo, eubo_se = mean_and_stderr(target_rewards - target_log_q)
+        kl_forward = eubo - log_z
+        kl_forward_se = float(np.hypot(eubo_se, log_z_se))
+        if teacher is not None:
+            visited_eps.append(np.asarray(_path_terms_chunked(arm, teacher, draws)[1]).max())
+        notes.append(f"KL(target ‖ student) = EUBO − log Z ({draws.shape[0]} target draws)")
+    else:
+        kl_forward, kl_forward_se = _self_normalised_forward_kl(log_w, log_z)
+        notes.append(
+            "KL(target ‖ student) by self-normalised importance sampling with the student as "
+            "proposal (no exact target draws): biased, trust it only when k-hat < 0.7"
+        )
+    logit_error = float(max(visited_eps)) if visited_eps else None
+    finite_w = log_w[np.isfinite(log_w)]
+    return DistillationReport(
+        kl_reverse=float(kl_reverse),
+        kl_forward=float(kl_forward),
+        kl_reverse_interval=_kl_interval(kl_reverse, kl_reverse_se, level),
+        kl_forward_interval=_kl_interval(kl_forward, kl_forward_se, level),
+        kl_reverse_stderr=float(kl_reverse_se),
+        kl_forward_stderr=float(kl_forward_se),
+        tv=None,
+        per_position_kl=per_position,
+        per_position_kl_stderr=per_position_se,
+        logit_error=logit_error,
+        bound=None if logit_error is None else 2 * ebm.space.horizon * logit_error,
+        logit_error_scope="visited states (lower estimate)",
+        method="mc",
+        level=level,
+        horizon=ebm.space.horizon,
+        num_samples=num_samples,
+        notes=tuple(notes),
+        extras={
+            "log_z": log_z,
+            "log_z_stderr": log_z_se,
+            "elbo": float(np.mean(log_w)),
+            "eubo": eubo,
+            "khat": pareto_khat(log_w) if finite_w.size else float("nan"),
+            "ess": kish_ess(log_w),
+        },
+    )
+
+
+@functools.partial(jax.jit, static_argnames="count")
+def _student_draws(ebm, arm, key, count: int):
+    """``(tokens [count, T], R, log q)`` for ``count`` draws of the student."""
+    tokens, (steps,) = arm.sample_with_intermediates(key, (count,))
+    return tokens, ebm.unnormalized_log_prob(tokens), steps.sum(-1)
+
+
+def _log_z(ebm, arm, num_samples, key):
+    """``(log Z, stderr, note)``: exact when the EBM has it, else importance sampling with the
+    student as proposal (independent draws)."""
+    if ebm.log_partition_source == "estimate":
+        attached = ebm.log_partition_estimate
+        stderr = float(getattr(attached, "stderr", 0.0))
+        return float(ebm.log_partition()), stderr, "log Z: the estimate attached to the EBM"
+    try:
+        return float(ebm.log_partition()), 0.0, None
+    except ValueError:
+        est = log_partition(
+            ebm, "is", proposal=arm, num_samples=num_samples, key=key, target_samples=None
+        )
+        note = f"log Z by importance sampling with the student ({num_samples} draws)"
+        return est.log_z, est.stderr, note
+
+
+def _target_draws(ebm, target_samples, num_samples, key):
+    if target_samples is None:
+        return None
+    if isinstance(target_samples, str):
+        if target_samples != "auto":
+            raise ValueError(
+                f"target_samples must be 'auto', None or sequences, got {target_samples!r}"
+            )
+        if not (ebm.is_lattice or ebm.space.num_sequences <= MAX_ENUMERATE):
+            return None
+        draws, log_z = exact_draws(ebm, key, num_samples)
+        return draws if np.isfinite(float(log_z)) else None
+    draws = jnp.asarray(target_samples)
+    if draws.ndim != 2 or draws.shape[0] < 2:
+        raise ValueError(f"target_samples must be int [M >= 2, T], got shape {draws.shape}")
+    ebm.space.validate(draws, "target_samples")
+    return draws
+
+
+def _self_normalised_forward_kl(log_w, log_z):
+    """``Σ_i w̄_i (log w_i − log Z)`` and its delta-method stderr ``√(Σ w̄_i² (f_i − KL)²)``."""
+    log_w = jnp.asarray(log_w)
+    weights = np.asarray(softmax(log_w, 0), np.float64)
+    f = np.where(weights > 0, np.asarray(log_w) - log_z, 0.0)
+    kl = float(np.sum(weights * f))
+    return kl, float(np.sqrt(np.sum(weights**2 * (f - kl) ** 2)))
+
+
+def _kl_interval(value, stderr, level) -> tuple[float, float]:
+    """Normal interval clipped at 0; ``(∞, ∞)`` for an infinite KL."""
+    if value == np.inf:
+        return (np.inf, np.inf)
+    low, high = normal_interval(value, stderr, level)
+    return (max(low, 0.0), high)
+
+
+def _z(level: float) -> float:
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def _teacher(ebm):
+    """The target's exact ARM ``M(r)`` and None, or None and the reason it has none."""
+    try:
+        return to_arm(ebm), None
+    except ValueError as error:
+        return None, f"no per-position KL or logit error: the target has no exact ARM ({error})"
+
+
+def plot_distillation_history(history, ax=None):
+    """The reverse KL over training with its interval band, and the bound ``2T·ε`` where the
+    history has it (``distill``'s history with evaluation); an ``Axes``."""
+    import matplotlib.pyplot as plt
+
+    if "kl_reverse" not in history:
+        raise ValueError("history has no 'kl_reverse': run distill with evaluate= set")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.2))
+    step = np.asarray(history["step"])
+    ax.plot(step, history["kl_reverse"], color="tab:blue", label="KL(student ‖ target)")
+    if "kl_reverse_low" in history:
+        ax.fill_between(
+            step, history["kl_reverse_low"], history["kl_reverse_high"], alpha=0.3, lw=0
+        )
+    if "bound" in history:
+        ax.plot(step, history["bound"], color="tab:red", ls="--", label="bound 2T·ε")
+    ax.set(xlabel="step", ylabel="nats", yscale="log", title="distillation")
+    ax.legend(frameon=False)
+    return ax

@@ -1,0 +1,280 @@
+"""Distillation: the error report against brute-force enumeration, its Monte Carlo intervals
+against exact values, and the objectives of ``sp.distill`` against exact KLs."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import seqppl as sp
+from seqppl import distillation_report, train
+from seqppl.distill import DistillationStopped
+from tests import oracles
+from tests.strategies import arm_tables, lattices, problems, tolerance
+
+SPACE = sp.SequenceSpace(3, 3, eos=True)
+
+
+def _target_and_student(seed=0, space=SPACE, temperature=1.0):
+    """A random Markov(1) target and a random Markov(1) student (finite rewards)."""
+    lat = sp.Lattice.markov(space, 1)
+    shape = (space.horizon, lat.num_states, space.num_actions)
+    r = jax.random.normal(jax.random.key(seed), shape) * temperature
+    q = jax.random.normal(jax.random.key(seed + 1), shape[1:])
+    return sp.EBM.from_table(lat, r), sp.ARM.from_table(lat, q)
+
+
+def _tabular_student(space=SPACE):
+    tree = sp.Lattice.prefix_tree(space)
+    return sp.ARM.from_table(tree, jnp.zeros((space.horizon, tree.num_states, space.num_actions)))
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+@settings(deadline=None)
+@given(data=st.data(), problem=problems())
+def test_exact_report_matches_enumeration(data, problem):
+    lat, r, prompt, dtype, scale = problem
+    assume(np.isfinite(oracles.log_z(r, lat, prompt)))
+    lat_q = data.draw(lattices(lat.space))
+    q, q_scale = data.draw(arm_tables(lat_q, dtype))
+    ebm = sp.EBM.from_table(lat, r, prompt)
+    arm = sp.ARM.from_table(lat_q, q, prompt)
+    report = sp.distillation_error(ebm, arm)
+    expected = oracles.distillation_errors(r, lat, q, lat_q, prompt)
+    tol = 100 * tolerance(dtype, lat.space.horizon, max(scale, q_scale))
+
+    def close(actual, wanted, what):
+        actual, wanted = np.asarray(actual, np.float64), np.asarray(wanted, np.float64)
+        assert np.array_equal(np.isinf(actual), np.isinf(wanted)), (what, actual, wanted)
+        finite = np.isfinite(wanted)
+        err = np.abs(actual[finite] - wanted[finite])
+        assert np.all(err <= tol * np.maximum(1, np.abs(wanted[finite]))), (what, actual, wanted)
+
+    for name in ("kl_reverse", "kl_forward", "tv", "per_position_kl", "logit_error"):
+        close(getattr(report, name), expected[name], name)
+    assert report.bound == 2 * lat.space.horizon * report.logit_error
+    # the chain rule and Proposition 3's bound
+    close(report.per_position_kl.sum(), report.kl_reverse, "chain rule")
+    slack = tol * max(1.0, report.bound if np.isfinite(report.bound) else 1.0)
+    assert report.kl_reverse <= report.bound + slack
+    assert report.kl_forward <= report.bound + slack
+    assert report.kl_reverse_interval == (report.kl_reverse, report.kl_reverse)
+
+
+def test_exact_report_of_the_exact_arm_is_zero_and_callable_targets_agree():
+    ebm, arm = _target_and_student(3)
+    perfect = sp.distillation_error(ebm, sp.to_arm(ebm))
+    assert abs(perfect.kl_reverse) < 1e-12 and abs(perfect.kl_forward) < 1e-12
+    assert perfect.logit_error < 1e-12 and perfect.tv < 1e-12
+    callable_target = sp.EBM(lambda y: ebm.unnormalized_log_prob(y), SPACE)  # prefix-tree M
+    a, b = sp.distillation_error(ebm, arm), sp.distillation_error(callable_target, arm)
+    for name in ("kl_reverse", "kl_forward", "tv", "logit_error"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-10, abs=1e-12)
+    np.testing.assert_allclose(a.per_position_kl, b.per_position_kl, atol=1e-12)
+
+
+def test_infinite_kls_and_their_epsilon():
+    """A student with mass where the target has none: reverse KL and ε infinite, forward finite."""
+    lat = sp.Lattice.markov(SPACE, 0)
+    r = jnp.zeros((SPACE.horizon, 1, SPACE.num_actions)).at[0, 0, 1].set(-jnp.inf)
+    ebm = sp.EBM.from_table(lat, r)
+    report = sp.distillation_error(ebm, sp.ARM.from_table(lat, jnp.zeros((1, 4))))
+    assert report.kl_reverse == np.inf and report.logit_error == np.inf
+    assert np.isfinite(report.kl_forward) and report.per_position_kl[0] == np.inf
+    assert report.kl_reverse_interval == (np.inf, np.inf)
+
+
+def test_monte_carlo_intervals_cover_the_exact_kls():
+    """Reduced coverage study (the slow one runs 100 seeds): 95% intervals, 20 seeds."""
+    _coverage(seeds=20, min_hits=16)
+
+
+@pytest.mark.slow
+def test_monte_carlo_coverage_full():
+    _coverage(seeds=100, min_hits=88)
+
+
+def _coverage(seeds, min_hits):
+    ebm, arm = _target_and_student(5)
+    exact = sp.distillation_error(ebm, arm)
+    routes = {
+        "chain rule + EUBO": {},
+        "ELBO + self-normalised": {"no_teacher": True, "target_samples": None},
+    }
+    for route, options in routes.items():
+        hits = np.zeros(2)
+        for seed in range(seeds):
+            report = _mc_report(ebm, arm, seed, **options)
+            for i, name in enumerate(("kl_reverse", "kl_forward")):
+                low, high = getattr(report, f"{name}_interval")
+                hits[i] += low <= getattr(exact, name) <= high
+        assert np.all(hits >= min_hits), (route, hits, seeds)
+
+
+def _mc_report(ebm, arm, seed, no_teacher=False, target_samples="auto", num_samples=2000):
+    key = jax.random.key(seed)
+    if not no_teacher:
+        return sp.distillation_error(
+            ebm, arm, "mc", key=key, num_samples=num_samples, target_samples=target_samples
+        )
+    original = distillation_report._teacher
+    distillation_report._teacher = lambda e: (None, "no teacher (test)")
+    try:
+        return sp.distillation_error(
+            ebm, arm, "mc", key=key, num_samples=num_samples, target_samples=target_samples
+        )
+    finally:
+        distillation_report._teacher = original
+
+
+def test_monte_carlo_report_fields_and_export(tmp_path):
+    ebm, arm = _target_and_student(7)
+    exact = sp.distillation_error(ebm, arm)
+    report = sp.distillation_error(ebm, arm, "mc", key=jax.random.key(0), num_samples=4000)
+    assert report.tv is None and report.method == "mc"
+    se = report.per_position_kl_stderr
+    assert np.all(np.abs(report.per_position_kl - exact.per_position_kl) <= 5 * se + 1e-12)
+    assert report.logit_error <= exact.logit_error + 1e-12  # visited states: a lower estimate
+    assert "lower estimate" in report.logit_error_scope
+    tree = report.to_datatree()
+    assert tree["per_position"]["kl"].shape == (SPACE.horizon,)
+    tree.to_netcdf(tmp_path / "report.nc", engine="h5netcdf")
+    assert "KL(student" in str(report)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    assert report.plot() is not None
+
+
+def test_monte_carlo_report_on_a_space_too_large_to_enumerate():
+    """V=6, L=12 with EOS: 2.6e9 sequences; lattice target, so the chain rule applies."""
+    space = sp.SequenceSpace(6, 12, eos=True)
+    ebm, arm = _target_and_student(11, space)
+    with pytest.raises(ValueError, match="method='mc'"):
+        sp.distillation_error(ebm, arm)
+    report = sp.distillation_error(ebm, arm, "mc", key=jax.random.key(1), num_samples=512)
+    assert np.isfinite(report.kl_reverse) and report.kl_reverse > 0
+    assert report.per_position_kl.shape == (space.horizon,)
+    assert report.kl_reverse <= report.bound
+
+
+def test_report_refuses_bad_input():
+    ebm, arm = _target_and_student(0)
+    other = sp.ARM.from_table(
+        sp.Lattice.markov(sp.SequenceSpace(2, 3, eos=True), 0), jnp.zeros((1, 3))
+    )
+    with pytest.raises(ValueError, match="arm is over"):
+        sp.distillation_error(ebm, other)
+    with pytest.raises(TypeError, match="ebm must be an EBM"):
+        sp.distillation_error(arm, arm)
+    with pytest.raises(ValueError, match="method must be"):
+        sp.distillation_error(ebm, arm, "bogus")
+    with pytest.raises(TypeError, match="key="):
+        sp.distillation_error(ebm, arm, "mc")
+    with pytest.raises(ValueError, match="level"):
+        sp.distillation_error(ebm, arm, level=95)
+
+
+# -- the objectives ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "objective, options, goal",
+    [
+        ("exact", {}, 1e-6),
+        ("reverse_kl", {}, 1e-3),
+        ("reverse_kl", {"estimator": "score_function"}, 1e-2),
+        ("forward_kl", {}, 1e-2),
+        ("soft_bellman", {}, 1e-2),
+    ],
+)
+def test_objectives_reach_the_target(objective, options, goal):
+    """1,500 steps on V=3, L=3 (EOS) with a prefix-tree student that can represent the target."""
+    ebm, _ = _target_and_student(0)
+    student, history = sp.distill(
+        ebm,
+        _tabular_student(),
+        objective,
+        steps=1500,
+        key=jax.random.key(1),
+        learning_rate=0.1,
+        log_every=500,
+        progress=False,
+        **options,
+    )
+    report = sp.distillation_error(ebm, student)
+    kl = report.kl_forward if objective in ("exact", "forward_kl") else report.kl_reverse
+    assert kl <= goal, (objective, report.kl_reverse, report.kl_forward)
+    assert history["kl_reverse"][-1] == pytest.approx(report.kl_reverse, rel=0.05)  # pre-update
+    assert history["kl_reverse"][0] > 100 * history["kl_reverse"][-1]
+    assert np.all(history["kl_reverse"] <= history["bound"] + 1e-9)
+    if objective == "forward_kl":
+        assert np.all(history["ess"] > 0) and "khat" in history
+
+
+def test_soft_bellman_needs_local_rewards():
+    ebm, _ = _target_and_student(0)
+    callable_target = sp.EBM(lambda y: ebm.unnormalized_log_prob(y), SPACE)
+    with pytest.raises(ValueError, match="'reverse_kl' or 'forward_kl' or 'exact'"):
+        sp.distill(callable_target, _tabular_student(), "soft_bellman", key=jax.random.key(0))
+
+
+def test_distill_refuses_bad_input():
+    ebm, arm = _target_and_student(0)
+    other = sp.ARM.from_table(
+        sp.Lattice.markov(sp.SequenceSpace(2, 3, eos=True), 0), jnp.zeros((1, 3))
+    )
+    with pytest.raises(ValueError, match="student is over"):
+        sp.distill(ebm, other, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="objective must be one of"):
+        sp.distill(ebm, arm, "kl", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="steps must be"):
+        sp.distill(ebm, arm, steps=0, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="key must be"):
+        sp.distill(ebm, arm, key=0)
+    with pytest.raises(ValueError, match="estimator must be"):
+        sp.distill(ebm, arm, estimator="magic", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="proposal must be"):
+        sp.distill(ebm, arm, "forward_kl", proposal="frozen", key=jax.random.key(0))
+
+
+def test_non_finite_loss_stops_with_last_good_params_checkpoint_and_history(tmp_path):
+    """Logits sqrt(0.95 − p) turn NaN once p > 0.95; the optimiser adds 0.1 to p each step."""
+    ebm, _ = _target_and_student(0)
+
+    def logits_fn(p, tokens):
+        row = jnp.sqrt(0.95 - p) * jnp.arange(SPACE.num_actions, dtype=p.dtype)
+        return jnp.broadcast_to(row, (*tokens.shape, SPACE.num_actions))
+
+    student = sp.ARM(logits_fn, SPACE, params=jnp.asarray(0.0))
+    drift = optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda grads, state, params=None: (jax.tree.map(lambda g: 0 * g + 0.1, grads), state),
+    )
+    with pytest.warns(DistillationStopped, match="loss is nan at step 10"):
+        trained, history = sp.distill(
+            ebm,
+            student,
+            steps=50,
+            key=jax.random.key(0),
+            optimizer=drift,
+            log_every=1,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=4,
+            evaluate=None,
+            progress=False,
+        )
+    assert float(trained.params) == pytest.approx(0.9)
+    assert list(history["step"]) == list(range(9))  # step 9 is redone on resume
+    assert "step 9" in history["stop_reason"]
+    state = train._load(tmp_path / train.CHECKPOINT_NAME, mock.ANY)
+    assert state["step"] == 9 and float(state["params"]) == pytest.approx(0.9)
