@@ -17,6 +17,7 @@ from seqppl.estimate import PartitionEstimate
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 from seqppl.logspace import log_softmax, logsumexp, softmax
 from seqppl.partition import log_partition
+from seqppl.posterior_comparison import PosteriorComparison, compare_posteriors
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
 from seqppl.train import fit
 
@@ -50,4 +51,6 @@ __all__ = [
     "DistillationReport",
     "DistillationStopped",
     "plot_distillation_history",
+    "compare_posteriors",
+    "PosteriorComparison",
 ]
