@@ -19,6 +19,7 @@ from seqppl.logspace import log_softmax, logsumexp, softmax
 from seqppl.partition import log_partition
 from seqppl.posterior_comparison import PosteriorComparison, compare_posteriors
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
+from seqppl.student_posterior import distillation_posterior, student_summary
 from seqppl.train import fit
 
 __version__ = "0.1.0"
@@ -53,4 +54,6 @@ __all__ = [
     "plot_distillation_history",
     "compare_posteriors",
     "PosteriorComparison",
+    "distillation_posterior",
+    "student_summary",
 ]

@@ -278,3 +278,39 @@ def test_non_finite_loss_stops_with_last_good_params_checkpoint_and_history(tmp_
     assert "step 9" in history["stop_reason"]
     state = train._load(tmp_path / train.CHECKPOINT_NAME, mock.ANY)
     assert state["step"] == 9 and float(state["params"]) == pytest.approx(0.9)
+
+
+# -- several students -------------------------------------------------------------------------
+
+
+def test_distillation_posterior_and_student_summary(tmp_path):
+    from seqppl.student_posterior import distillation_posterior, student_summary
+
+    ebm, _ = _target_and_student(2)
+    lat = sp.Lattice.markov(SPACE, 1)
+    reports = {}
+    for name, scale in (("close", 0.1), ("far", 1.0)):
+        reports[name] = []
+        for seed in range(4):
+            table = sp.to_arm(ebm).params + scale * jax.random.normal(
+                jax.random.key(seed), (SPACE.horizon, lat.num_states, SPACE.num_actions)
+            )
+            student = sp.ARM.from_table(lat, table)
+            report = sp.distillation_error(ebm, student, "mc", key=jax.random.key(seed))
+            reports[name].append(report)
+    tree = distillation_posterior(reports)
+    assert tree["posterior"]["kl_reverse"].shape == (1, 4, 2)
+    summary = student_summary(tree)
+    kl = np.array([[r.kl_reverse for r in reports[n]] for n in ("close", "far")])
+    se = np.array([[r.kl_reverse_stderr for r in reports[n]] for n in ("close", "far")])
+    np.testing.assert_allclose(summary["mean"], kl.mean(1))
+    np.testing.assert_allclose(summary["sd"], kl.std(1, ddof=1))
+    np.testing.assert_allclose(summary["mc_sd"], np.sqrt((se**2).mean(1)))
+    expected = np.sqrt(np.maximum(0, kl.std(1, ddof=1) ** 2 - (se**2).mean(1)))
+    np.testing.assert_allclose(summary["between_sd"], expected)
+    assert summary.loc["far", "mean"] > summary.loc["close", "mean"]
+    tree.to_netcdf(tmp_path / "students.nc", engine="h5netcdf")
+    with pytest.raises(ValueError, match="same number"):
+        distillation_posterior({"a": reports["close"], "b": reports["far"][:2]})
+    with pytest.raises(ValueError, match="metric must be"):
+        student_summary(tree, "tv")

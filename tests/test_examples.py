@@ -35,6 +35,7 @@ def test_every_example_is_covered_here():
         "stdlib_charlm.py",
         "partition_estimation.py",
         "lookahead.py",
+        "student_posterior.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
@@ -99,3 +100,17 @@ def test_lookahead():
     mc = re.search(r"reverse KL: ([0-9.]+) \[([0-9.]+), ([0-9.]+)\] \(exact ([0-9.]+)\)", text)
     estimate, low, high, exact = (float(g) for g in mc.groups())
     assert abs(estimate - exact) <= 4 * (high - low) / (2 * 1.96)
+
+
+def test_student_posterior():
+    text = run_example("student_posterior.py")
+    rows = {}
+    for line in text.split("split (Var = between² + mc²):")[1].splitlines()[2:5]:
+        name, values = line[:12].strip(), [float(v) for v in line[12:].split()]
+        rows[name] = dict(
+            zip(["mean", "sd", "mc_sd", "between_sd", "students"], values, strict=True)
+        )
+    constrained = number_after("constrained decoder: KL =", text)
+    assert rows["task lattice"]["mean"] < rows["bigram"]["mean"] < constrained
+    assert all(row["mc_sd"] > 0 for row in rows.values())
+    assert "kl_reverse[unigram]" in text
