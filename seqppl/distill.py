@@ -1,6 +1,6 @@
 """Distilling an EBM into an ARM (THEORY §4): KL-regularised fine-tuning: ``argmin_q KL(p_q‖p_R)``.
 
-Four objectives, each a loss ``(params, step) -> (value, diagnostics)`` for the training loop
+Four objectives, each a loss ``(params, step, carry) -> (value, diagnostics)`` for the loop
 shared with ``fit`` (progress bar, atomic checkpoints, resume, Ctrl-C):
 
 - ``"reverse_kl"``: ``KL(p_q ‖ p_R) = E_q[log q − R] + A``. Exact gradients by enumeration on
@@ -8,7 +8,8 @@ shared with ``fit`` (progress bar, atomic checkpoints, resume, Ctrl-C):
   leave-one-out baseline ``b``.
 - ``"forward_kl"``: ``KL(p_R ‖ p_q) = E_{p_R}[log p_R − log q]``, gradient ``−Σ_i w̄_i ∇ log q(y_i)``
   with self-normalised weights ``w_i ∝ exp(R(y_i) − log π(y_i))`` of draws from a proposal π
-  (the student itself, detached, or a given ARM): distributional policy gradients.
+  (the student itself, detached; a frozen copy swapped when the student improves; or a given
+  ARM): distributional policy gradients.
 - ``"soft_bellman"``: squared soft-Bellman residuals along draws of the student,
   ``q(s_t, y_t) ← r(s_t, y_t) + logsumexp q(s_{t+1}, ·)`` (the target detached; 0 after the end):
   the fixed point is ``q = M(r)``. Needs the target's local rewards (a lattice EBM).
@@ -83,8 +84,10 @@ def distill(
         num_samples: draws per step for the sampled objectives.
         estimator: ``reverse_kl`` only: ``"auto"`` (exact gradients up to
             ``EXACT_GRADIENT_MAX`` sequences), ``"exact"`` or ``"score_function"``.
-        proposal: ``forward_kl`` only: ``"student"`` (its current parameters, detached) or a
-            fixed ``ARM``.
+        proposal: ``forward_kl`` only: ``"student"`` (its current parameters, detached),
+            ``"frozen"`` (a copy of the student, replaced by the student at a logged step when
+            that step's weighted draws show the student closer to the target: the off-policy
+            DPG scheme; history column ``proposal_swapped``), or a fixed ``ARM``.
         evaluate: ``"auto"``, ``"exact"``, ``"mc"`` or None: a ``distillation_error`` report at
             every logged step (before its update), adding ``kl_reverse``, ``kl_reverse_low``,
             ``kl_reverse_high``, ``kl_forward`` (with ``_low``/``_high``), ``logit_error`` and
@@ -123,7 +126,9 @@ def distill(
         isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     ):
         raise TypeError(f"key must be a jax.random.key(...), got {key!r}")
-    loss_fn, summarise = _objective(ebm, student, objective, key, num_samples, estimator, proposal)
+    loss_fn, summarise, refresh = _objective(
+        ebm, student, objective, key, num_samples, estimator, proposal
+    )
     metrics = _evaluation(ebm, student, evaluate, eval_samples, key)
     optimizer = optimizer or optax.adam(trapezoid_schedule(learning_rate, steps))
 
@@ -148,6 +153,8 @@ def distill(
         metrics=metrics,
         summarise=summarise,
         should_stop=should_stop,
+        carry=student.params if proposal == "frozen" and objective == "forward_kl" else None,
+        refresh=refresh,
         progress=progress,
         desc=f"distill ({objective})",
     )
@@ -158,7 +165,7 @@ def distill(
 
 
 def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
-    """``(loss_fn(params, step) -> (value, aux), summarise(aux) -> dict | None)``."""
+    """``(loss_fn(params, step, carry) -> (value, aux), summarise | None, refresh | None)``."""
     space = ebm.space
     if objective == "soft_bellman":
         if not ebm.is_lattice:
@@ -167,7 +174,7 @@ def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
                 "are all lattice tables); for this target use 'reverse_kl' or 'forward_kl'"
                 + (" or 'exact'" if space.num_sequences <= MAX_ENUMERATE else "")
             )
-        return _soft_bellman(ebm, student, key, num_samples), None
+        return _soft_bellman(ebm, student, key, num_samples), None, None
     if objective == "exact" or (objective == "reverse_kl" and _exact_gradients(space, estimator)):
         if space.num_sequences > MAX_ENUMERATE:
             raise ValueError(
@@ -178,18 +185,22 @@ def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
         log_p = jax.jit(lambda e: map_in_chunks(e.log_prob, seqs, RISK_CHUNK))(ebm)
         if objective == "exact":
             entropy = -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0))
-            return lambda params, step: (
-                exact_risk(student.with_params(params), log_p) - entropy,
-                {},
-            ), None
+            return (
+                lambda params, step, carry: (
+                    exact_risk(student.with_params(params), log_p) - entropy,
+                    {},
+                ),
+                None,
+                None,
+            )
 
-        def reverse(params, step):
+        def reverse(params, step, carry):
             model = student.with_params(params)
             return categorical_kl(map_in_chunks(model.log_prob, seqs, RISK_CHUNK), log_p, 0), {}
 
-        return reverse, None
+        return reverse, None, None
     if objective == "reverse_kl":
-        return _score_function(ebm, student, key, num_samples), None
+        return _score_function(ebm, student, key, num_samples), None, None
     return _forward_kl(ebm, student, key, num_samples, proposal)
 
 
@@ -215,7 +226,7 @@ def _score_function(ebm, student, key, num_samples):
     """``mean((f_i − b_i) ∇ log q(y_i))``, ``f = log q − R``, ``b_i`` the mean of the others."""
     log_z = _exact_log_z(ebm)
 
-    def loss(params, step):
+    def loss(params, step, carry):
         model = student.with_params(params)
         detached = student.with_params(jax.lax.stop_gradient(params))
         tokens = detached.sample(jax.random.fold_in(key, step), (num_samples,))
@@ -230,20 +241,26 @@ def _score_function(ebm, student, key, num_samples):
 
 
 def _forward_kl(ebm, student, key, num_samples, proposal):
-    """Self-normalised importance sampling of ``−E_{p_R}[∇ log q]`` (DPG)."""
-    if not (proposal == "student" or isinstance(proposal, ARM)):
-        raise ValueError(f"proposal must be 'student' or an ARM, got {proposal!r}")
+    """Self-normalised importance sampling of ``−E_{p_R}[∇ log q]`` (DPG).
+
+    ``proposal="frozen"``: the proposal is a copy of the student (``carry``) replaced by the
+    current student at a logged step when the step's draws say the student is closer to the
+    target: lower self-normalised cross-entropy ``−Σ w̄_i log q(y_i)`` than the copy's.
+    """
+    if not (proposal in ("student", "frozen") or isinstance(proposal, ARM)):
+        raise ValueError(f"proposal must be 'student', 'frozen' or an ARM, got {proposal!r}")
     if isinstance(proposal, ARM):
         check_proposal(ebm, proposal, "proposal")
     log_z = _exact_log_z(ebm)
 
-    def loss(params, step):
+    def loss(params, step, carry):
         model = student.with_params(params)
-        behaviour = (
-            student.with_params(jax.lax.stop_gradient(params))
-            if proposal == "student"
-            else proposal
-        )
+        if proposal == "student":
+            behaviour = student.with_params(jax.lax.stop_gradient(params))
+        elif proposal == "frozen":
+            behaviour = student.with_params(carry)
+        else:
+            behaviour = proposal
         tokens, (steps,) = behaviour.sample_with_intermediates(
             jax.random.fold_in(key, step), (num_samples,)
         )
@@ -256,20 +273,31 @@ def _forward_kl(ebm, student, key, num_samples, proposal):
         estimate = logsumexp(log_w, 0) - jnp.log(num_samples) if log_z is None else log_z
         surrogate = -jnp.sum(jax.lax.stop_gradient(weights) * jnp.where(kept, log_q, 0))
         value = jnp.where(jnp.any(kept), cross - estimate, jnp.nan)
-        return surrogate - jax.lax.stop_gradient(surrogate) + value, {"log_w": log_w}
+        aux = {
+            "log_w": log_w,
+            "cross_entropy": {
+                "student": -jnp.sum(jnp.where(kept, weights * jnp.where(kept, log_q, 0), 0)),
+                "proposal": -jnp.sum(jnp.where(kept, weights * steps.sum(-1), 0)),
+            },
+        }
+        return surrogate - jax.lax.stop_gradient(surrogate) + value, aux
 
     def summarise(aux):
         log_w = np.asarray(aux["log_w"], np.float64)
         return {"ess": kish_ess(log_w), "khat": pareto_khat(log_w)}
 
-    return loss, summarise
+    def swap_when_better(carry, params, aux):
+        better = float(aux["cross_entropy"]["student"]) < float(aux["cross_entropy"]["proposal"])
+        return (params if better else carry), {"proposal_swapped": float(better)}
+
+    return loss, summarise, swap_when_better if proposal == "frozen" else None
 
 
 def _soft_bellman(ebm, student, key, num_samples):
     """Mean over student draws of ``Σ_t (q(s_t, y_t) − r_t − [t+1 active] V_q(s_{t+1}))²``."""
     space, joint, table = ebm.space, ebm.joint, ebm.reward_table()
 
-    def loss(params, step):
+    def loss(params, step, carry):
         model = student.with_params(params)
         detached = student.with_params(jax.lax.stop_gradient(params))
         tokens = detached.sample(jax.random.fold_in(key, step), (num_samples,))

@@ -163,7 +163,7 @@ def fit(
         loss_fn = _risk_loss(dist, target)
     optimizer = optimizer or optax.adam(trapezoid_schedule(learning_rate, steps))
     params, history, stopped = optimise(
-        lambda params, step: (loss_fn(params, step), {}),
+        lambda params, step, carry: (loss_fn(params, step), {}),
         dist.params,
         steps=steps,
         optimizer=optimizer,
@@ -193,19 +193,26 @@ def optimise(
     metrics=None,
     summarise=None,
     should_stop=None,
+    carry=None,
+    refresh=None,
     progress: bool = True,
     desc: str = "fit",
 ):
     """The training loop shared by ``fit`` and ``distill``: optax updates of ``params``.
 
     Args:
-        loss_fn: ``loss_fn(params, step) -> (loss, aux)``, jittable; ``grad`` of ``loss``
-            drives the update and ``aux`` (a dict of arrays) is handed to ``summarise``.
+        loss_fn: ``loss_fn(params, step, carry) -> (loss, aux)``, jittable; ``grad`` of
+            ``loss`` in ``params`` drives the update and ``aux`` (a dict of arrays) is handed
+            to ``summarise`` and ``refresh``.
         fingerprint: what a checkpoint must match to be resumed (``_fingerprint``).
         metrics: ``metrics(params) -> {name: float}`` at every logged step (before its update).
         summarise: ``summarise(aux) -> {name: float}`` at every logged step (host side).
         should_stop: ``should_stop(history) -> str | None``, asked after every logged step; a
             message stops training there (the step's update is not applied).
+        carry: a pytree of non-trained state that the loss reads (e.g. a frozen proposal's
+            parameters), checkpointed with the rest.
+        refresh: ``refresh(carry, params, aux) -> (carry, {name: float})`` at every logged step
+            (host side): a new carry for the following steps and figures for the history.
 
     Returns:
         ``(params, history, stopped)``: the last good parameters, the history (numpy arrays,
@@ -216,8 +223,8 @@ def optimise(
     """
 
     @jax.jit
-    def update(params, opt_state, step):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step)
+    def update(params, opt_state, step, carry):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step, carry)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, aux
 
@@ -225,6 +232,7 @@ def optimise(
         "step": 0,
         "params": params,
         "opt_state": optimizer.init(params),
+        "carry": carry,
         "history": {"step": [], "loss": []},
     }
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
@@ -237,7 +245,9 @@ def optimise(
     try:
         while state["step"] < steps:
             step = state["step"]
-            params, opt_state, loss, aux = update(state["params"], state["opt_state"], step)
+            params, opt_state, loss, aux = update(
+                state["params"], state["opt_state"], step, state["carry"]
+            )
             loss = float(loss)
             if not np.isfinite(loss):
                 stopped = f"the loss is {loss} at step {step}"
@@ -245,19 +255,23 @@ def optimise(
                     state = _rewound(state, last_good)
                     stopped += f"; parameters and checkpoint are those of step {state['step']}"
                 break
-            last_good = {k: state[k] for k in ("step", "params", "opt_state")}
+            last_good = {k: state[k] for k in ("step", "params", "opt_state", "carry")}
+            carry = state["carry"]
             if step % log_every == 0 or step == steps - 1:
                 row = {"step": step, "loss": loss, "seconds": time.perf_counter() - started}
                 if metrics is not None:
                     row.update(metrics(state["params"]))
                 if summarise is not None:
                     row.update(summarise(aux))
+                if refresh is not None:
+                    carry, figures = refresh(carry, state["params"], aux)
+                    row.update(figures)
                 for name, value in row.items():
                     state["history"].setdefault(name, []).append(float(value))
                 stopped = None if should_stop is None else should_stop(state["history"])
                 if stopped is not None:
                     break
-            state.update(step=step + 1, params=params, opt_state=opt_state)
+            state.update(step=step + 1, params=params, opt_state=opt_state, carry=carry)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             if path is not None and state["step"] % checkpoint_every == 0:
@@ -350,7 +364,7 @@ def _save(path: Path, state, fingerprint: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = pickle.dumps(
         {
-            **jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state")}),
+            **jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state", "carry")}),
             "step": state["step"],
             "history": state["history"],
             "fingerprint": fingerprint,
@@ -382,4 +396,5 @@ def _load(path: Path, fingerprint: str):
         )
     state["params"] = jax.tree.map(jnp.asarray, state["params"])
     state["opt_state"] = jax.tree.map(jnp.asarray, state["opt_state"])
+    state["carry"] = jax.tree.map(jnp.asarray, state.get("carry"))
     return state
