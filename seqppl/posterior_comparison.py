@@ -32,6 +32,7 @@ class replace_site(Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
+        """Swap ``msg["fn"]`` at the named sample site (NumPyro's handler protocol)."""
         if msg["type"] != "sample" or msg["name"] != self.site:
             return
         fn = msg["fn"]
