@@ -92,7 +92,8 @@ def distill(
             every logged step (before its update), adding ``kl_reverse``, ``kl_reverse_low``,
             ``kl_reverse_high``, ``kl_forward`` (with ``_low``/``_high``), ``logit_error`` and
             ``bound`` (where available) to the history. Monte Carlo reports use
-            ``eval_samples`` draws and one fixed key (common random numbers across steps).
+            ``eval_samples`` draws and one fixed key (common random numbers across steps) and
+            add their weights' ``eval_ess`` and ``eval_khat``.
         log_every, checkpoint_dir, checkpoint_every, progress: as in ``fit``.
         max_khat, patience: ``forward_kl`` stops when the Pareto k-hat of its weights exceeds
             ``max_khat`` at ``patience`` consecutive logged steps (the gradient estimates are
@@ -347,6 +348,8 @@ def _evaluation(ebm, student, evaluate, eval_samples, key):
         }
         if report.bound is not None:
             row.update(logit_error=report.logit_error, bound=report.bound)
+        if report.method == "mc":  # the evaluation draws' own diagnostics
+            row.update(eval_ess=report.extras["ess"], eval_khat=report.extras["khat"])
         return row
 
     return metrics
