@@ -1,5 +1,5 @@
 """The ``seqppl`` command line: ``demo`` (the main job on an embedded default), ``reproduce``
-(the paper's exact-risk experiments) and ``info``.
+(the paper's exact-risk experiments), ``logz`` (estimate log Z of a model) and ``info``.
 
 Bad arguments exit with status 2 and one line on stderr, never a traceback.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 __all__ = ["main"]
 
@@ -45,13 +44,33 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="exact log Z and lookahead on a digit-sum-constrained bigram",
-        description="Builds a bigram over digits constrained to a digit sum divisible by 3, "
-        "computes log Z by dynamic programming next to brute-force enumeration, and shows how "
-        "the soft values of M make the next-token distribution look ahead.",
+        help="the main job on the lookahead task: exact M, distillation, log Z, error report",
+        description="A bigram over digits conditioned on a digit sum divisible by 3: converts "
+        "the EBM exactly to an ARM, distils a Transformer student, estimates log Z by "
+        "importance sampling with the student and compares with the exact value, and reports "
+        "the distillation error (both KLs, the 2T·ε bound, the per-position split). Writes "
+        "OUT/report.md, PNG figures and netCDF DataTrees.",
     )
-    demo.add_argument("--quick", action="store_true", help="a smaller space (seconds)")
-    demo.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the bigram")
+    demo.add_argument("--quick", action="store_true", help="a smaller space, fewer steps")
+    demo.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of every draw")
+    demo.add_argument("--out", default="demo", help="output folder (default: demo)")
+    logz = sub.add_parser(
+        "logz",
+        help="estimate log Z of a model file or a named model",
+        description="MODEL is a Python file defining target() -> EBM and optionally "
+        "proposal() -> ARM, or one of the named models: "
+        + ", ".join(sorted(_NAMED_MODELS))
+        + ". Without a proposal the uniform policy over the space is used.",
+    )
+    logz.add_argument("model", help="FILE.py or a named model")
+    logz.add_argument(
+        "--method",
+        choices=("auto", "exact", "is", "smc"),
+        default="auto",
+        help="auto: exact when tractable, else importance sampling",
+    )
+    logz.add_argument("--num-samples", type=_positive_int, default=100_000)
+    logz.add_argument("--seed", type=_nonnegative_int, default=0)
     from seqppl.models.paper import CONFIGS, TARGETS
 
     reproduce = sub.add_parser(
@@ -86,21 +105,33 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     if args.command == "reproduce":
         return _reproduce(parser, args)
-    return _demo(quick=args.quick, seed=args.seed)
+    if args.command == "logz":
+        return _logz(parser, args)
+    from seqppl.demo import run_demo
+
+    result = run_demo(_writable(parser, args.out), quick=args.quick, seed=args.seed)
+    consistent = abs(result["log_z_estimate"] - result["log_z"]) <= 4 * result["log_z_stderr"]
+    return 0 if consistent and result["valid_fraction"] == 1.0 else 1
 
 
-def _reproduce(parser, args) -> int:
+def _writable(parser, folder):
+    """``folder`` as a Path, created and checked writable (else a one-line usage error)."""
     from pathlib import Path
 
-    from seqppl.models.paper import reproduce
-
-    out = Path(args.out)
+    out = Path(folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").touch()
         (out / ".write-test").unlink()
     except OSError as error:
-        parser.error(f"--out {args.out}: cannot write there ({error.strerror})")
+        parser.error(f"--out {folder}: cannot write there ({error.strerror})")
+    return out
+
+
+def _reproduce(parser, args) -> int:
+    from seqppl.models.paper import reproduce
+
+    out = _writable(parser, args.out)
     result = reproduce(
         args.config,
         args.target,
@@ -129,63 +160,104 @@ def _info() -> int:
     return 0
 
 
-def _demo(quick: bool, seed: int) -> int:
-    import jax.numpy as jnp
-    import numpy as np
-
+def _digit_sum_model():
+    """The partition-estimation example's target: digits 0..9, at most 12, sum divisible by 7;
+    the unconstrained bigram as the proposal."""
     import seqppl as sp
     from seqppl.models.tasks import digit_sum_task
 
-    space = sp.SequenceSpace(vocab_size=4, length=4 if quick else 7, eos=True)
-    task = digit_sum_task(space, modulus=3, seed=seed)
-    lat, r = task.lattice, task.rewards
-    print(f"Target: a random bigram over digits 0..3, at most {space.length} digits then EOS,")
-    print("conditioned on 'the digit sum is divisible by 3'. Z = P_bigram(constraint holds).")
-    print(
-        f"{space.num_sequences:,} responses; lattice markov(1) x digit-sum DFA: "
-        f"{lat.num_states} states x {space.num_actions} actions x T={space.horizon}\n"
-    )
+    space = sp.SequenceSpace(vocab_size=10, length=12, eos=True)
+    task = digit_sum_task(space, modulus=7)
+    bigram = sp.ARM.from_table(sp.Lattice.markov(space, 1), task.bigram_logits)
+    return sp.EBM.from_table(task.lattice, task.rewards), bigram
 
-    start = time.perf_counter()
-    values = sp.soft_values(lat, r).block_until_ready()
-    dp_time = time.perf_counter() - start
-    start = time.perf_counter()
-    seqs = space.enumerate()
-    brute = float(sp.logsumexp(lat.path_scores(r, seqs).sum(-1), -1))
-    brute_time = time.perf_counter() - start
-    log_z = float(values[0, lat.initial])
-    print(f"log Z by dynamic programming : {log_z: .10f}   ({dp_time * 1e3:7.1f} ms)")
-    print(f"log Z by enumeration         : {brute: .10f}   ({brute_time * 1e3:7.1f} ms)")
-    print(f"P(digit sum divisible by 3) under the bigram = {np.exp(log_z):.4f}\n")
 
-    q, _ = sp.soft_bellman(lat, r)
-    bigram_next = sp.softmax(task.bigram_logits[lat.factors[0].initial])
-    print("Next-token distribution at the start (digits 0 1 2 3, EOS):")
-    print(f"  bigram alone     : {np.round(np.asarray(bigram_next), 3)}")
-    print(f"  M(r), exact ARM  : {np.round(np.asarray(sp.softmax(q[0, lat.initial])), 3)}")
-    prefix = np.array([2, 2, 1, 0][: space.length - 1])
-    states = np.asarray(
-        lat.states(np.concatenate([prefix, [space.eos_id] * (space.horizon - len(prefix))]))
-    )
-    t, s = len(prefix), states[len(prefix)]
-    bigram_after = task.bigram_logits[prefix[-1]]  # markov(1) state = the last token
-    print(f"After the prefix {prefix.tolist()} (digit sum {prefix.sum()}), decision {t}:")
-    print(f"  bigram alone     : {np.round(np.asarray(sp.softmax(bigram_after)), 3)}")
-    print(f"  M(r), exact ARM  : {np.round(np.asarray(sp.softmax(q[t, s])), 3)}")
-    print("  (EOS is allowed only once the sum is divisible by 3; the soft values V(s+a)")
-    print("   reweight each digit by how likely the constraint can still be met after it)\n")
+def _repetition_model():
+    """The digit-sum target times a repetition penalty (no exact log Z): bigram proposal."""
+    import jax.numpy as jnp
 
-    r_back = sp.inverse_soft_bellman(lat, q)
-    rewards = lat.path_scores(r, seqs).sum(-1)
-    back = lat.path_scores(r_back, seqs).sum(-1)
-    finite = jnp.isfinite(rewards)
-    same_support = bool(jnp.array_equal(finite, jnp.isfinite(back)))
-    err = float(jnp.max(jnp.abs(jnp.where(finite, rewards - back, 0.0))))
-    print(
-        f"Round trip M⁻¹(M(r)): same support {same_support}, max |ΔR| = {err:.2e} "
-        f"over {len(seqs):,} sequences"
-    )
-    return 0 if abs(log_z - brute) < 1e-4 * max(1.0, abs(log_z)) and same_support else 1
+    import seqppl as sp
+
+    target, bigram = _digit_sum_model()
+
+    def penalty(tokens):
+        same = (tokens[..., 1:] == tokens[..., :-1]) & (tokens[..., 1:] < 10)
+        return -0.7 * jnp.sum(same, -1)
+
+    return target * sp.EBM(penalty, target.space), bigram
+
+
+_NAMED_MODELS = {"digit-sum": _digit_sum_model, "digit-sum-repetition": _repetition_model}
+
+
+def _load_model(parser, name):
+    """``(target EBM, proposal ARM or None)`` from a named model or a Python file."""
+    import importlib.util
+    from pathlib import Path
+
+    import seqppl as sp
+
+    if name in _NAMED_MODELS:
+        return _NAMED_MODELS[name]()
+    path = Path(name)
+    if path.suffix != ".py" or not path.is_file():
+        parser.error(
+            f"model {name!r} is neither a Python file nor a named model "
+            f"({', '.join(sorted(_NAMED_MODELS))})"
+        )
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the user's file: report it in one line
+        parser.error(f"{name}: {type(error).__name__}: {error}")
+    if not callable(getattr(module, "target", None)):
+        parser.error(f"{name} must define target() returning an EBM")
+    target = module.target()
+    if not isinstance(target, sp.EBM):
+        parser.error(f"{name}: target() returned {type(target).__name__}, not an EBM")
+    proposal = module.proposal() if callable(getattr(module, "proposal", None)) else None
+    if proposal is not None and not isinstance(proposal, sp.ARM):
+        parser.error(f"{name}: proposal() returned {type(proposal).__name__}, not an ARM")
+    return target, proposal
+
+
+def _logz(parser, args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    import seqppl as sp
+
+    target, proposal = _load_model(parser, args.model)
+    exact = None
+    try:
+        exact = float(target.log_partition())
+    except ValueError:
+        pass
+    method = args.method if args.method != "auto" else ("exact" if exact is not None else "is")
+    if method == "exact":
+        if exact is None:
+            parser.error(f"{args.model}: no exact log Z for this model; use --method is or smc")
+        print(f"log Z = {exact:.6f} (exact)")
+        return 0
+    if proposal is None:
+        space = target.space
+        proposal = sp.ARM.from_table(
+            sp.Lattice.markov(space, 0), jnp.zeros((1, space.num_actions)), target.prompt
+        )
+        print("no proposal() given: the uniform policy over the space is the proposal")
+    samples = args.num_samples if method == "is" else max(args.num_samples // 16, 2)
+    try:
+        est = sp.log_partition(target, method, proposal, samples, jax.random.key(args.seed))
+    except (TypeError, ValueError) as error:
+        parser.error(f"{args.model}: {error}")
+    print(est)
+    if exact is not None:
+        print(
+            f"exact log Z = {exact:.6f}; (estimate − exact) / stderr = "
+            f"{(est.log_z - exact) / est.stderr:+.2f}"
+        )
+    return 0
 
 
 if __name__ == "__main__":

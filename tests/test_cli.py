@@ -3,6 +3,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from seqppl.cli import main
 
 
 def _run(*args):
@@ -11,15 +14,48 @@ def _run(*args):
     )
 
 
-def test_demo_quick_reports_matching_log_z():
-    out = _run("demo", "--quick")
-    assert out.returncode == 0, out.stderr
-    dp = float(re.search(r"dynamic programming : *(\S+)", out.stdout).group(1))
-    brute = float(re.search(r"enumeration *: *(\S+)", out.stdout).group(1))
-    assert abs(dp - brute) < 1e-5
-    prob = float(re.search(r"under the bigram = (\S+)", out.stdout).group(1))
-    assert abs(prob - np.exp(dp)) < 1e-4
-    assert "same support True" in out.stdout
+def test_demo_quick_writes_the_report_and_its_numbers_are_consistent(tmp_path):
+    out = _run("demo", "--quick", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    exact = float(re.search(r"\| log Z \(exact, DP\) \| (\S+) \|", out.stdout).group(1))
+    match = re.search(r"\| log Z \(IS, student proposal\) \| (\S+) ± (\S+) \|", out.stdout)
+    estimate, stderr = float(match.group(1)), float(match.group(2))
+    assert abs(estimate - exact) <= 4 * stderr
+    assert "100% of 4,096 samples valid" in out.stdout
+    kl = {
+        name: float(re.search(rf"\| KL\({name} ‖ target\) \| (\S+) \|", out.stdout).group(1))
+        for name in ("constrained decoder", "student")
+    }
+    assert kl["student"] < kl["constrained decoder"]
+    bound = float(re.search(r"\| bound 2T·ε \(student\) \| (\S+) \|", out.stdout).group(1))
+    assert kl["student"] <= bound
+    report = (tmp_path / "report.md").read_text()
+    assert "Per-position KL" in report and "| quantity | value |" in report
+    for name in ("distillation.png", "is_weights.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    import xarray as xr
+
+    tree = xr.open_datatree(tmp_path / "student_report.nc", engine="h5netcdf")
+    assert tree.attrs["kl_reverse"] == pytest.approx(kl["student"], abs=1e-4)
+    assert tree["per_position"]["kl"].size == 7
+
+
+def test_logz_of_a_model_file_and_of_a_named_model(tmp_path, capsys):
+    model = tmp_path / "model.py"
+    model.write_text(
+        "import jax.numpy as jnp\nimport seqppl as sp\n"
+        "space = sp.SequenceSpace(3, 4, eos=True)\n"
+        "def target():\n"
+        "    return sp.EBM(lambda y: -0.5 * jnp.sum(y == 1, -1).astype(float), space)\n"
+    )
+    assert main(["logz", str(model), "--method", "is", "--num-samples", "20000"]) == 0
+    text = capsys.readouterr().out
+    assert "uniform policy" in text
+    assert abs(float(re.search(r"/ stderr = (\S+)", text).group(1))) < 4
+    assert main(["logz", str(model)]) == 0 and "(exact)" in capsys.readouterr().out
+    assert main(["logz", "digit-sum-repetition", "--num-samples", "5000"]) == 0
+    text = capsys.readouterr().out
+    assert "k-hat" in text and "exact log Z" not in text
 
 
 def test_info_prints_versions():
@@ -27,12 +63,29 @@ def test_info_prints_versions():
     assert out.returncode == 0 and "jax" in out.stdout and "devices" in out.stdout
 
 
-def test_bad_arguments_exit_nonzero_with_one_line():
-    for args in (["demo", "--seed", "-1"], ["demo", "--seed", "x"], ["nope"]):
-        out = _run(*args)
-        assert out.returncode == 2
-        assert "Traceback" not in out.stderr
-        assert out.stderr.strip().splitlines()[-1].startswith("seqppl")
+def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, capsys):
+    """In-process (the parser's exit); one subprocess checks the real entry point."""
+    out = _run("nope")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    bad_model = tmp_path / "bad.py"
+    bad_model.write_text("def target():\n    return 3\n")
+    for args in (
+        ["demo", "--seed", "-1"],
+        ["demo", "--seed", "x"],
+        ["demo", "--quick", "--out", str(blocked / "sub")],
+        ["reproduce", "--steps", "-1"],
+        ["reproduce", "--config", "v99"],
+        ["logz", "no-such-model"],
+        ["logz", str(bad_model)],
+        ["logz", "digit-sum", "--num-samples", "0"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("seqppl"), (args, lines)
 
 
 def test_reproduce_tiny_run_writes_metrics_plots_and_summary(tmp_path):
