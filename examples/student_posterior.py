@@ -74,7 +74,11 @@ def main(argv=None):
                 progress=False,
             )
             report = sp.distillation_error(
-                target, student, "mc", key=jax.random.key(seed + 1), num_samples=2000
+                target,
+                student,
+                "mc",
+                key=jax.random.fold_in(jax.random.key(seed), 1),
+                num_samples=2000,
             )
             reports[name].append(report)
         print(f"{name}: {members} students distilled")

@@ -66,6 +66,7 @@ def distill(
     checkpoint_dir=None,
     checkpoint_every: int = 500,
     max_khat: float = 0.7,
+    min_ess_fraction: float = 0.01,
     patience: int = 3,
     progress: bool = True,
 ):
@@ -95,9 +96,10 @@ def distill(
             ``eval_samples`` draws and one fixed key (common random numbers across steps) and
             add their weights' ``eval_ess`` and ``eval_khat``.
         log_every, checkpoint_dir, checkpoint_every, progress: as in ``fit``.
-        max_khat, patience: ``forward_kl`` stops when the Pareto k-hat of its weights exceeds
-            ``max_khat`` at ``patience`` consecutive logged steps (the gradient estimates are
-            no longer trustworthy).
+        max_khat, min_ess_fraction, patience: ``forward_kl`` stops when its weights' Pareto
+            k-hat exceeds ``max_khat`` or their Kish ESS falls below ``min_ess_fraction`` of
+            the draws at ``patience`` consecutive logged steps (the gradient estimates are no
+            longer trustworthy).
 
     Returns:
         ``(student.with_params(trained), history)``: ``history`` is a dict of numpy arrays
@@ -108,8 +110,8 @@ def distill(
 
     The reported ``loss`` is ``KL(p_q ‖ p_R)`` for ``reverse_kl`` (an estimate when sampled; the
     negative ELBO if ``log Z`` is intractable), ``KL(p_R ‖ p_q)`` for ``forward_kl`` (the
-    self-normalised estimate) and ``exact``, and the mean squared residual per sequence for
-    ``soft_bellman``.
+    self-normalised estimate) and ``exact``, and for ``soft_bellman`` the squared residuals
+    summed over a sequence's decisions, averaged over the step's draws.
     """
     if not isinstance(ebm, EBM):
         raise TypeError(f"ebm must be an EBM, got {type(ebm).__name__}")
@@ -120,9 +122,24 @@ def distill(
         raise ValueError("student has no params to train (from_table, params= or from_nnx)")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    for name, value in [("steps", steps), ("num_samples", num_samples), ("log_every", log_every)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    for name, value, least in [
+        ("steps", steps, 1),
+        ("num_samples", num_samples, 2),
+        ("log_every", log_every, 1),
+        ("checkpoint_every", checkpoint_every, 1),
+        ("eval_samples", eval_samples, 2),
+        ("patience", patience, 1),
+    ]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if not (isinstance(max_khat, (int, float)) and max_khat > 0):
+        raise ValueError(f"max_khat must be a number > 0, got {max_khat!r}")
+    if not (isinstance(min_ess_fraction, (int, float)) and 0 <= min_ess_fraction < 1):
+        raise ValueError(f"min_ess_fraction must be in [0, 1), got {min_ess_fraction!r}")
+    if estimator != "auto" and objective != "reverse_kl":
+        raise ValueError(f"estimator= applies to objective='reverse_kl' only, not {objective!r}")
+    if not (isinstance(proposal, str) and proposal == "student") and objective != "forward_kl":
+        raise ValueError(f"proposal= applies to objective='forward_kl' only, not {objective!r}")
     if key is None or not (
         isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     ):
@@ -134,11 +151,15 @@ def distill(
     optimizer = optimizer or optax.adam(trapezoid_schedule(learning_rate, steps))
 
     def should_stop(history):
-        recent = history.get("khat", [])[-patience:]
-        if len(recent) == patience and all(k > max_khat for k in recent):
+        khat = history.get("khat", [])[-patience:]
+        ess = history.get("ess", [])[-patience:]
+        least = min_ess_fraction * num_samples
+        untrusted = [k > max_khat or e < least for k, e in zip(khat, ess, strict=True)]
+        if len(untrusted) == patience and all(untrusted):
             return (
-                f"the importance weights' k-hat exceeded {max_khat} at {patience} logged steps "
-                f"in a row (last {recent[-1]:.2f}): the gradient estimates are not trustworthy"
+                f"the importance weights' k-hat exceeded {max_khat} or their ESS fell below "
+                f"{least:g} at {patience} logged steps in a row (last: k-hat {khat[-1]:.2f}, "
+                f"ESS {ess[-1]:.1f}): the gradient estimates are not trustworthy"
             )
         return None
 
@@ -147,7 +168,18 @@ def distill(
         student.params,
         steps=steps,
         optimizer=optimizer,
-        fingerprint=_fingerprint(student, steps, None, None, "distill", objective),
+        fingerprint=_fingerprint(
+            student,
+            steps,
+            None,
+            None,
+            "distill",
+            objective,
+            estimator,
+            proposal if isinstance(proposal, str) else "an ARM",
+            str(np.asarray(jax.random.key_data(key)).tolist()),
+            str(num_samples),
+        ),
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         log_every=log_every,
@@ -178,9 +210,11 @@ def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
         return _soft_bellman(ebm, student, key, num_samples), None, None
     if objective == "exact" or (objective == "reverse_kl" and _exact_gradients(space, estimator)):
         if space.num_sequences > MAX_ENUMERATE:
+            asked = "objective='exact'" if objective == "exact" else "estimator='exact'"
             raise ValueError(
-                f"objective='exact' enumerates the space ({space.num_sequences} sequences, more "
-                f"than {MAX_ENUMERATE}); use 'reverse_kl', 'forward_kl' or 'soft_bellman'"
+                f"{asked} enumerates the space ({space.num_sequences} sequences, more than "
+                f"{MAX_ENUMERATE}); use a sampled objective ('reverse_kl' with "
+                "estimator='score_function', 'forward_kl' or 'soft_bellman')"
             )
         seqs = jnp.asarray(space.enumerate())
         log_p = jax.jit(lambda e: map_in_chunks(e.log_prob, seqs, RISK_CHUNK))(ebm)
@@ -270,7 +304,8 @@ def _forward_kl(ebm, student, key, num_samples, proposal):
         weights = softmax(log_w, 0)
         log_q = model.log_prob(tokens)
         kept = weights > 0
-        cross = jnp.sum(jnp.where(kept, weights * (rewards - jnp.where(kept, log_q, 0)), 0))
+        detached_log_q = jax.lax.stop_gradient(jnp.where(kept, log_q, 0))  # the value only
+        cross = jnp.sum(jnp.where(kept, weights * (rewards - detached_log_q), 0))
         estimate = logsumexp(log_w, 0) - jnp.log(num_samples) if log_z is None else log_z
         surrogate = -jnp.sum(jax.lax.stop_gradient(weights) * jnp.where(kept, log_q, 0))
         value = jnp.where(jnp.any(kept), cross - estimate, jnp.nan)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.diagnostics import kish_ess, pareto_khat
-from seqppl.distributions import ARM, EBM, to_arm
+from seqppl.distributions import ARM, EBM, NoExactARM, to_arm
 from seqppl.distributions.support import map_in_chunks
 from seqppl.estimate import (
     Proposal,
@@ -238,6 +238,8 @@ def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
         raise ValueError("method='exact' needs the EBM's exact log Z, not an attached estimate")
     seqs = jnp.asarray(space.enumerate())
     log_p, log_q = (np.asarray(x, np.float64) for x in _log_probs(ebm, arm, seqs))
+    _refuse_nan(log_p, "ebm", "log-probabilities", seqs)
+    _refuse_nan(log_q, "arm", "log-probabilities", seqs)
     kl_reverse = float(categorical_kl(log_q, log_p, 0))
     kl_forward = float(categorical_kl(log_p, log_q, 0))
     tv = 0.5 * float(np.sum(np.abs(np.exp(log_p) - np.exp(log_q))))
@@ -245,6 +247,7 @@ def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
     notes = [] if teacher is not None else [reason]
     if teacher is not None:
         kl_t, eps_t = (np.asarray(x, np.float64) for x in _path_terms_chunked(arm, teacher, seqs))
+        _refuse_nan(kl_t + eps_t, "arm", "next-token policies", seqs)
         supported = (log_q > -np.inf)[:, None]  # 0 · ∞ = 0 off the student's support only
         with np.errstate(invalid="ignore"):
             weighted = np.where(kl_t == np.inf, np.inf, np.exp(log_q)[:, None] * kl_t)
@@ -303,7 +306,7 @@ def half_range_gap(log_a, log_b) -> jax.Array:
     gap = jnp.where(skip, 0, log_a - jnp.where(skip, 0, log_b))
     high = jnp.max(jnp.where(skip, -jnp.inf, gap), -1)
     low = jnp.min(jnp.where(skip, jnp.inf, gap), -1)
-    half = jnp.where(jnp.isfinite(high), (high - low) / 2, 0)
+    half = jnp.where(high == -jnp.inf, 0, (high - low) / 2)  # NaN stays NaN
     return jnp.where(jnp.any(dead_a ^ dead_b, -1), jnp.inf, half)
 
 
@@ -314,6 +317,8 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
     student_key, target_key, log_z_key = jax.random.split(key, 3)
     notes = [] if teacher is not None else [reason]
     ys, rewards, log_q = (np.asarray(x) for x in _student_draws(ebm, arm, student_key, num_samples))
+    _refuse_nan(rewards, "ebm", "rewards", ys)
+    _refuse_nan(log_q, "arm", "log-probabilities", ys)
     log_w = rewards.astype(np.float64) - log_q
     log_z, log_z_se, note = _log_z(ebm, arm, num_samples, log_z_key)
     notes += [note] if note else []
@@ -321,8 +326,11 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
     per_position = per_position_se = None
     if teacher is not None:
         kl_t, eps_t = (np.asarray(x, np.float64) for x in _path_terms_chunked(arm, teacher, ys))
+        _refuse_nan(kl_t + eps_t, "arm", "next-token policies", ys)
         per_position = kl_t.mean(0)
-        per_position_se = kl_t.std(0, ddof=1) / np.sqrt(num_samples)
+        with np.errstate(invalid="ignore"):
+            per_position_se = kl_t.std(0, ddof=1) / np.sqrt(num_samples)
+        per_position_se = np.where(np.isinf(per_position), 0.0, per_position_se)
         kl_reverse, kl_reverse_se = mean_and_stderr(kl_t.sum(-1))
         visited_eps.append(eps_t.max())
         notes.append(
@@ -352,20 +360,27 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
             visited_eps.append(np.asarray(_path_terms_chunked(arm, teacher, draws)[1]).max())
         notes.append(f"KL(target ‖ student) = EUBO − log Z ({draws.shape[0]} target draws)")
     else:
-        kl_forward, kl_forward_se = _self_normalised_forward_kl(log_w, log_z)
+        kl_forward, snis_se = _self_normalised_forward_kl(log_w, log_z)
+        kl_forward_se = float(np.hypot(snis_se, log_z_se))
         notes.append(
             "KL(target ‖ student) by self-normalised importance sampling with the student as "
             "proposal (no exact target draws): biased, trust it only when k-hat < 0.7"
         )
     logit_error = float(max(visited_eps)) if visited_eps else None
     finite_w = log_w[np.isfinite(log_w)]
+    for name, value in (("KL(student ‖ target)", kl_reverse), ("KL(target ‖ student)", kl_forward)):
+        if value < 0:
+            notes.append(
+                f"{name} estimate is negative ({value:.3g}): Monte Carlo error; the "
+                "interval is clipped at 0"
+            )
     return DistillationReport(
         kl_reverse=float(kl_reverse),
         kl_forward=float(kl_forward),
         kl_reverse_interval=_kl_interval(kl_reverse, kl_reverse_se, level),
         kl_forward_interval=_kl_interval(kl_forward, kl_forward_se, level),
-        kl_reverse_stderr=float(kl_reverse_se),
-        kl_forward_stderr=float(kl_forward_se),
+        kl_reverse_stderr=_finite_stderr(kl_reverse, kl_reverse_se),
+        kl_forward_stderr=_finite_stderr(kl_forward, kl_forward_se),
         tv=None,
         per_position_kl=per_position,
         per_position_kl_stderr=per_position_se,
@@ -441,11 +456,25 @@ def _self_normalised_forward_kl(log_w, log_z):
 
 
 def _kl_interval(value, stderr, level) -> tuple[float, float]:
-    """Normal interval clipped at 0; ``(∞, ∞)`` for an infinite KL."""
+    """Normal interval with both ends clipped at 0 (a KL is not negative); ``(∞, ∞)`` for an
+    infinite KL."""
     if value == np.inf:
         return (np.inf, np.inf)
     low, high = normal_interval(value, stderr, level)
-    return (max(low, 0.0), high)
+    return (max(low, 0.0), max(high, 0.0))
+
+
+def _finite_stderr(value, stderr) -> float:
+    """The standard error, 0 for an infinite KL (its interval is the point ``(∞, ∞)``)."""
+    return 0.0 if value == np.inf else float(stderr)
+
+
+def _refuse_nan(values, argument: str, what: str, tokens) -> None:
+    """``ValueError`` naming ``argument`` when ``values`` (``[N, ...]``) hold NaN."""
+    bad = np.argwhere(np.isnan(np.asarray(values, np.float64)))
+    if bad.size:
+        row = np.asarray(tokens)[bad[0][0]].tolist()
+        raise ValueError(f"{argument} gives NaN {what} on the sequence {row}")
 
 
 def _z(level: float) -> float:
@@ -456,7 +485,7 @@ def _teacher(ebm):
     """The target's exact ARM ``M(r)`` and None, or None and the reason it has none."""
     try:
         return to_arm(ebm), None
-    except ValueError as error:
+    except NoExactARM as error:
         return None, f"no per-position KL or logit error: the target has no exact ARM ({error})"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from numpyro.distributions import Distribution, ExpandedDistribution
+from numpyro.distributions import Distribution, ExpandedDistribution, MaskedDistribution
 from numpyro.infer import MCMC, NUTS
 from numpyro.primitives import Messenger
 
@@ -37,7 +37,12 @@ class replace_site(Messenger):
             return
         fn = msg["fn"]
         batch = fn.batch_shape
-        base = fn.base_dist if isinstance(fn, ExpandedDistribution) else fn
+        masks = []  # peel plate expansions and masks, put the masks back on the replacement
+        base = fn
+        while isinstance(base, (ExpandedDistribution, MaskedDistribution)):
+            if isinstance(base, MaskedDistribution):
+                masks.append(base._mask)
+            base = base.base_dist
         if isinstance(self.replacement, Distribution):
             new = self.replacement
         else:
@@ -47,7 +52,10 @@ class replace_site(Messenger):
                     f"the replacement for site {self.site!r} returned "
                     f"{type(new).__name__}, not a Distribution"
                 )
-        msg["fn"] = new.expand(batch) if new.batch_shape != batch else new
+        new = new.expand(batch) if new.batch_shape != batch else new
+        for mask in reversed(masks):
+            new = new.mask(mask)
+        msg["fn"] = new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +163,8 @@ def compare_posteriors(
     try:
         loo, loo_error = arviz_stats.compare(trees), None
     except ValueError as error:  # e.g. a log-likelihood that does not vary over the draws
-        loo, loo_error = None, f"{error} ({error.__cause__})"
+        cause = f" ({error.__cause__})" if error.__cause__ is not None else ""
+        loo, loo_error = None, f"{error}{cause}"
     return PosteriorComparison(trees["target"], trees["approx"], parameters, loo, level, loo_error)
 
 

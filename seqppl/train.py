@@ -269,7 +269,9 @@ def optimise(
                 for name, value in row.items():
                     state["history"].setdefault(name, []).append(float(value))
                 stopped = None if should_stop is None else should_stop(state["history"])
-                if stopped is not None:
+                if stopped is not None:  # step k is not applied: its row is redone on resume
+                    for values in state["history"].values():
+                        values.pop()
                     break
             state.update(step=step + 1, params=params, opt_state=opt_state, carry=carry)
             bar.update(1)

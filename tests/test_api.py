@@ -81,3 +81,19 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     log_z, brute = out.stdout.split()[:2]
     assert log_z == brute
     assert out.stdout.split()[2] == "True"
+
+
+def test_every_public_name_is_in_the_api_reference():
+    text = (ROOT / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^### `sp\.(\w+)", text, re.M))
+    missing = [name for name in sp.__all__ if name not in documented]
+    assert not missing, f"add to docs/api.md: {missing}"
+    stale = sorted(documented - set(sp.__all__))
+    assert not stale, f"docs/api.md documents names seqppl does not export: {stale}"
+
+
+def test_mkdocs_navigation_lists_every_page():
+    config = (ROOT / "mkdocs.yml").read_text()
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    listed = set(re.findall(r"([\w-]+\.md)", config))
+    assert pages == listed, (pages - listed, listed - pages)

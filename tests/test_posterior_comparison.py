@@ -3,6 +3,7 @@ posterior and loses in LOO."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
@@ -82,3 +83,21 @@ def _compare_site(data, site):
         num_warmup=5,
         num_samples=5,
     )
+
+
+def test_replace_site_keeps_plates_and_masks():
+    from numpyro import handlers
+
+    from seqppl.posterior_comparison import replace_site
+
+    def masked_model(y=None):
+        with numpyro.plate("data", 4):
+            numpyro.sample(
+                "y", REFERENCE.tilt(ZEROS, scale=0.3).mask(jnp.array([1, 1, 0, 0]) > 0), obs=y
+            )
+
+    y = REFERENCE.sample(jax.random.key(0), (4,))
+    trace = handlers.trace(replace_site(masked_model, "y", sp.to_arm)).get_trace(y=y)
+    log_prob = trace["y"]["fn"].log_prob(y)
+    exact = sp.to_arm(REFERENCE.tilt(ZEROS, scale=0.3)).log_prob(y)
+    np.testing.assert_allclose(log_prob, jnp.where(jnp.arange(4) < 2, exact, 0.0), rtol=1e-6)

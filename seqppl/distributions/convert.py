@@ -14,7 +14,11 @@ from seqppl.distributions.ebm import EBM
 from seqppl.distributions.support import batch_shape_of, map_over_batch
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 
-__all__ = ["to_arm", "to_ebm"]
+__all__ = ["to_arm", "to_ebm", "NoExactARM"]
+
+
+class NoExactARM(ValueError):
+    """``to_arm`` has no exact route for this EBM (not a lattice, prefix tree too large)."""
 
 
 def to_ebm(arm: ARM) -> EBM:
@@ -67,7 +71,7 @@ def to_arm(ebm: EBM) -> ARM:
     space = ebm.space
     tree_cells = sum(space.vocab_size**d for d in range(space.horizon)) * space.num_actions
     if tree_cells > MAX_PREFIX_TREE_CELLS or ebm.batch_shape:
-        raise ValueError(
+        raise NoExactARM(
             "no exact ARM for this EBM: its parts are not all on lattices and its prefix tree is "
             f"too large ({tree_cells} cells) or its prompt is batched; approximate it with "
             "sp.distill(ebm, student_arm, ...)"
