@@ -36,6 +36,7 @@ def test_every_example_is_covered_here():
         "partition_estimation.py",
         "lookahead.py",
         "student_posterior.py",
+        "paper_reproduction.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
@@ -114,3 +115,12 @@ def test_student_posterior():
     assert rows["task lattice"]["mean"] < rows["unigram"]["mean"] < constrained
     assert all(row["mc_sd"] > 0 for row in rows.values())
     assert "kl_reverse[unigram]" in text
+
+
+def test_paper_reproduction():
+    text = run_example("paper_reproduction.py")
+    assert "kl <= bound at every logged step: True" in text
+    rows = [line.split() for line in text.splitlines() if re.match(r"^\s+\d+\s", line)]
+    first, last = (float(rows[0][1]), float(rows[0][2])), (float(rows[-1][1]), float(rows[-1][2]))
+    assert last[0] < first[0] / 50 and last[1] < first[1] / 50  # both gaps fall
+    assert number_after("after-map distance", text) > 1.5
