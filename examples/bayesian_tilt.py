@@ -42,7 +42,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer data and draws")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    num_data, draws = (120, 150) if args.quick else (500, 1000)
+    num_data, draws = (120, 100) if args.quick else (500, 1000)
     true_beta = 0.7
 
     space = sp.SequenceSpace(vocab_size=4, length=5, eos=True)

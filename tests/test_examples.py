@@ -5,14 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run_example(name: str) -> str:
+def run_example(name: str, *extra: str) -> str:
     out = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), "--quick"],
+        [sys.executable, str(EXAMPLES / name), "--quick", *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -117,8 +118,17 @@ def test_student_posterior():
     assert "kl_reverse[unigram]" in text
 
 
-def test_paper_reproduction():
-    text = run_example("paper_reproduction.py")
+def test_paper_reproduction(tmp_path):
+    """Also the files `seqppl reproduce` writes (the command line's wiring: test_cli.py)."""
+    text = run_example("paper_reproduction.py", "--out", str(tmp_path))
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "step,arm_gap,ebm_gap,before_map,after_map,kl,bound"
+    table = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+    assert np.all(table[:, 1:3] > -1e-4)  # risks are at least the entropy
+    assert np.all(table[:, 5] <= table[:, 6])  # kl <= 2T * after-map distance
+    np.testing.assert_allclose(table[:, 6], 2 * 4 * table[:, 4], rtol=1e-4)
+    assert (tmp_path / "panels.png").stat().st_size > 0
+    assert "kl ≤ bound at every logged step: True" in (tmp_path / "summary.md").read_text()
     assert "kl <= bound at every logged step: True" in text
     rows = [line.split() for line in text.splitlines() if re.match(r"^\s+\d+\s", line)]
     first, last = (float(rows[0][1]), float(rows[0][2])), (float(rows[-1][1]), float(rows[-1][2]))

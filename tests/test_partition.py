@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import seqppl as sp
@@ -70,6 +70,11 @@ def test_calibration_full(method, options):
     _check_calibration(_calibration(method, range(100, 140), 8192, **options), 0.9, 0.8)
 
 
+# each example compiles an estimator: half the profile's examples (the profile sets the scale)
+HALF = settings(max_examples=max(4, settings.default.max_examples // 2))
+
+
+@HALF
 @given(problems(), st.sampled_from(["is", "smc"]))
 def test_exact_proposal_gives_exact_log_z(problem, method):
     """Oracle: with q = M(r) (and the exact twist for SMC) every weight equals Z."""
@@ -88,6 +93,7 @@ def test_exact_proposal_gives_exact_log_z(problem, method):
     assert abs(est.eubo - exact) <= tol and abs(est.elbo - exact) <= tol
 
 
+@HALF
 @given(problems(dtype=np.float64), st.sampled_from(["is", "smc"]))
 def test_uniform_proposal_within_its_stderr(problem, method):
     """Oracle: a uniform proposal over a tiny space (−∞ rewards included) is within 5 se."""
