@@ -88,7 +88,7 @@ def main():
     if args.memory_probe:
         return memory_probe(args.memory_probe, vocab, horizon)
     n, n_numpyro = (2_000, 1_000) if args.tiny else (1_000_000, 65_536)
-    sizes = (1_000, 10_000, 100_000) if args.tiny else (100_000, 1_000_000, 10_000_000)
+    sizes = (1_000, 10_000) if args.tiny else (100_000, 1_000_000, 10_000_000)
     lat, ebm, arm, r, q = problem(vocab, horizon)
     delta = jnp.asarray(lat.delta)
     key = jax.random.key(2)

@@ -39,7 +39,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write figures and the reports' DataTrees here")
     args = parser.parse_args(argv)
-    steps = 200 if args.quick else 1500
+    steps = 120 if args.quick else 1500
     key = jax.random.key(args.seed)
 
     space = sp.SequenceSpace(vocab_size=4, length=6, eos=True)
@@ -98,7 +98,7 @@ def main(argv=None):
     print(f"share of the constrained decoder's KL in the second half: {share:.2f}")
     ratio = local_report.kl_reverse / student_report.kl_reverse
     print(f"KL reduction by distillation: {ratio:.1f}x")
-    check = sp.distillation_error(target, trained, "mc", key=key, num_samples=2048)
+    check = sp.distillation_error(target, trained, "mc", key=key, num_samples=1024)
     low, high = check.kl_reverse_interval
     print(
         f"Monte Carlo check of the student's reverse KL: {check.kl_reverse:.5f} "

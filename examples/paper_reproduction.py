@@ -20,11 +20,11 @@ from seqppl.models.paper import reproduce
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100 steps instead of 1,000")
+    parser.add_argument("--quick", action="store_true", help="60 steps instead of 1,000")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write metrics.csv, panels.png, summary.md here")
     args = parser.parse_args(argv)
-    steps = 100 if args.quick else 1000
+    steps = 60 if args.quick else 1000
     metrics = reproduce(
         "v8t4-n2",
         "zipf",

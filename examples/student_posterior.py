@@ -78,7 +78,7 @@ def main(argv=None):
                 student,
                 "mc",
                 key=jax.random.fold_in(jax.random.key(seed), 1),
-                num_samples=2000,
+                num_samples=1000,
             )
             reports[name].append(report)
         print(f"{name}: {members} students distilled")

@@ -37,7 +37,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     """
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    length, steps = (6, 150) if quick else (8, 1500)
+    length, steps = (6, 100) if quick else (8, 1500)
     key = jax.random.key(seed)
     keys = dict(zip(["sample", "distill", "is", "mc"], jax.random.split(key, 4), strict=True))
 
@@ -74,7 +74,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     )
     report = sp.distillation_error(target, student)
     print(f"distilled the student ({steps} steps) [{time.perf_counter() - started:.0f} s]")
-    estimate = sp.log_partition(target, "is", student, 10_000 if quick else 100_000, keys["is"])
+    estimate = sp.log_partition(target, "is", student, 5_000 if quick else 100_000, keys["is"])
     z_score = (estimate.log_z - log_z) / estimate.stderr
     print(f"importance sampling with the student [{time.perf_counter() - started:.0f} s]")
 

@@ -40,8 +40,8 @@ def _compare(data, approx):
         site="y",
         approx=approx,
         key=jax.random.key(2),
-        num_warmup=200,
-        num_samples=200,
+        num_warmup=150,
+        num_samples=150,
     )
 
 
