@@ -17,10 +17,10 @@ demo: $(STAMP)
 
 # Two workers (pytest-xdist): most of the suite is single-threaded tracing and compilation.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 test-all: $(STAMP)
-	HYPOTHESIS_PROFILE=full $(PY) -m pytest -q -n 2
+	HYPOTHESIS_PROFILE=full $(PY) -m pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check seqppl models tests examples benchmarks

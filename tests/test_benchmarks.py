@@ -1,4 +1,8 @@
-"""Each benchmark script runs tiny (its own equality assertions included)."""
+"""Each benchmark script runs tiny (its own equality assertions included).
+
+Slow-marked (``make test-all``): the scripts measure the library rather than define it, and
+their start-up and compilation cost about a minute and a half of ``make test``'s budget.
+"""
 
 import subprocess
 import sys
@@ -9,6 +13,7 @@ import pytest
 SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_benchmark_runs_tiny(script):
     out = subprocess.run(
