@@ -17,15 +17,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from seqppl.models.tasks import digit_sum_task
+from seqppl.models.tasks import digit_sum_task, repetition_penalty
 
 import seqppl as sp
-
-
-def repetition_penalty(tokens):
-    """−0.7 per adjacent repeated digit (EOS padding excluded): ``[..., T] -> [...]``."""
-    same = (tokens[..., 1:] == tokens[..., :-1]) & (tokens[..., 1:] < 10)
-    return -0.7 * jnp.sum(same, -1)
 
 
 def lattice_twist(ebm):

@@ -32,6 +32,7 @@ __all__ = [
     "digit_sum_lattice",
     "locally_masked_arm",
     "lookahead_student",
+    "repetition_penalty",
 ]
 
 
@@ -112,3 +113,13 @@ def lookahead_student(
         return base.log_policies(tokens) + network(params, tokens)
 
     return sp.ARM(logits_fn, space, params=module_params(module))
+
+
+def repetition_penalty(tokens, vocab_size: int = 10, penalty: float = 0.7):
+    """``−penalty`` per adjacent repeated token (EOS padding excluded): ``[..., T] -> [...]``.
+
+    A reward with no finite-state structure as written (a Python function), so an EBM that
+    includes it has no exact log Z beyond enumerable spaces.
+    """
+    same = (tokens[..., 1:] == tokens[..., :-1]) & (tokens[..., 1:] < vocab_size)
+    return -penalty * jnp.sum(same, -1)

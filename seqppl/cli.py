@@ -174,17 +174,11 @@ def _digit_sum_model():
 
 def _repetition_model():
     """The digit-sum target times a repetition penalty (no exact log Z): bigram proposal."""
-    import jax.numpy as jnp
-
     import seqppl as sp
+    from seqppl.models.tasks import repetition_penalty
 
     target, bigram = _digit_sum_model()
-
-    def penalty(tokens):
-        same = (tokens[..., 1:] == tokens[..., :-1]) & (tokens[..., 1:] < 10)
-        return -0.7 * jnp.sum(same, -1)
-
-    return target * sp.EBM(penalty, target.space), bigram
+    return target * sp.EBM(repetition_penalty, target.space), bigram
 
 
 _NAMED_MODELS = {"digit-sum": _digit_sum_model, "digit-sum-repetition": _repetition_model}

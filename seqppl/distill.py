@@ -30,7 +30,7 @@ from seqppl.diagnostics import EstimateWarning, kish_ess, pareto_khat
 from seqppl.distillation_report import distillation_error
 from seqppl.distributions import ARM, EBM
 from seqppl.distributions.support import map_in_chunks
-from seqppl.estimate import check_proposal
+from seqppl.estimate import check_key, check_proposal
 from seqppl.logspace import categorical_kl, logsumexp, softmax
 from seqppl.space import MAX_ENUMERATE
 from seqppl.train import RISK_CHUNK, _fingerprint, exact_risk, optimise, trapezoid_schedule
@@ -140,10 +140,7 @@ def distill(
         raise ValueError(f"estimator= applies to objective='reverse_kl' only, not {objective!r}")
     if not (isinstance(proposal, str) and proposal == "student") and objective != "forward_kl":
         raise ValueError(f"proposal= applies to objective='forward_kl' only, not {objective!r}")
-    if key is None or not (
-        isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    ):
-        raise TypeError(f"key must be a jax.random.key(...), got {key!r}")
+    check_key(key)
     loss_fn, summarise, refresh = _objective(
         ebm, student, objective, key, num_samples, estimator, proposal
     )
@@ -257,14 +254,19 @@ def _exact_log_z(ebm):
         return None
 
 
+def _detached_draws(student, params, key, step, num_samples):
+    """``num_samples`` draws of the student at ``params`` (no gradient), step ``step``'s key."""
+    detached = student.with_params(jax.lax.stop_gradient(params))
+    return detached.sample(jax.random.fold_in(key, step), (num_samples,))
+
+
 def _score_function(ebm, student, key, num_samples):
     """``mean((f_i − b_i) ∇ log q(y_i))``, ``f = log q − R``, ``b_i`` the mean of the others."""
     log_z = _exact_log_z(ebm)
 
     def loss(params, step, carry):
         model = student.with_params(params)
-        detached = student.with_params(jax.lax.stop_gradient(params))
-        tokens = detached.sample(jax.random.fold_in(key, step), (num_samples,))
+        tokens = _detached_draws(student, params, key, step, num_samples)
         log_q = model.log_prob(tokens)
         f = jax.lax.stop_gradient(log_q) - ebm.unnormalized_log_prob(tokens)
         baseline = (jnp.sum(f) - f) / (num_samples - 1)
@@ -335,8 +337,7 @@ def _soft_bellman(ebm, student, key, num_samples):
 
     def loss(params, step, carry):
         model = student.with_params(params)
-        detached = student.with_params(jax.lax.stop_gradient(params))
-        tokens = detached.sample(jax.random.fold_in(key, step), (num_samples,))
+        tokens = _detached_draws(student, params, key, step, num_samples)
         logits = space.mask_logits(model.logits(tokens))  # [N, T, A]
         taken = jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
         active = space.active(tokens)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from statistics import NormalDist
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +23,13 @@ from seqppl.distributions import ARM, EBM, NoExactARM, to_arm
 from seqppl.distributions.support import map_in_chunks
 from seqppl.estimate import (
     Proposal,
+    check_key,
     check_proposal,
-    exact_draws,
     mean_and_stderr,
     normal_interval,
+    normal_quantile,
     rewards_and_log_q,
+    target_draws,
 )
 from seqppl.logspace import categorical_kl, softmax
 from seqppl.partition import log_partition
@@ -157,7 +158,7 @@ class DistillationReport:
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 3.2))
         kl = np.asarray(self.per_position_kl)
-        half = _z(self.level) * np.asarray(self.per_position_kl_stderr)
+        half = normal_quantile(self.level) * np.asarray(self.per_position_kl_stderr)
         positions = np.arange(kl.size)
         ax.bar(positions, kl, color="tab:blue", alpha=0.8, label="E KL(π_student ‖ π_target)")
         if np.any(half > 0):
@@ -217,10 +218,7 @@ def distillation_error(
         raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    if key is None or not (
-        isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    ):
-        raise TypeError(f"method='mc' needs key=jax.random.key(...), got {key!r}")
+    check_key(key, "key= (method='mc' needs it)")
     return _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samples)
 
 
@@ -342,7 +340,7 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
         kl_reverse = log_z - elbo
         kl_reverse_se = float(np.hypot(elbo_se, log_z_se))
         notes.append("KL(student ‖ target) = log Z − ELBO (student draws)")
-    draws = _target_draws(ebm, target_samples, num_samples, target_key)
+    draws = target_draws(ebm, target_samples, num_samples, target_key)
     eubo = None
     if draws is not None:
         target_rewards, target_log_q = (
@@ -427,25 +425,6 @@ def _log_z(ebm, arm, num_samples, key):
         return est.log_z, est.stderr, note
 
 
-def _target_draws(ebm, target_samples, num_samples, key):
-    if target_samples is None:
-        return None
-    if isinstance(target_samples, str):
-        if target_samples != "auto":
-            raise ValueError(
-                f"target_samples must be 'auto', None or sequences, got {target_samples!r}"
-            )
-        if not (ebm.is_lattice or ebm.space.num_sequences <= MAX_ENUMERATE):
-            return None
-        draws, log_z = exact_draws(ebm, key, num_samples)
-        return draws if np.isfinite(float(log_z)) else None
-    draws = jnp.asarray(target_samples)
-    if draws.ndim != 2 or draws.shape[0] < 2:
-        raise ValueError(f"target_samples must be int [M >= 2, T], got shape {draws.shape}")
-    ebm.space.validate(draws, "target_samples")
-    return draws
-
-
 def _self_normalised_forward_kl(log_w, log_z):
     """``Σ_i w̄_i (log w_i − log Z)`` and its delta-method stderr ``√(Σ w̄_i² (f_i − KL)²)``."""
     log_w = jnp.asarray(log_w)
@@ -475,10 +454,6 @@ def _refuse_nan(values, argument: str, what: str, tokens) -> None:
     if bad.size:
         row = np.asarray(tokens)[bad[0][0]].tolist()
         raise ValueError(f"{argument} gives NaN {what} on the sequence {row}")
-
-
-def _z(level: float) -> float:
-    return NormalDist().inv_cdf(0.5 + level / 2)
 
 
 def _teacher(ebm):

@@ -20,7 +20,16 @@ from seqppl.diagnostics import plot_weights, weights_datatree
 from seqppl.distributions import ARM, EBM
 from seqppl.space import MAX_ENUMERATE
 
-__all__ = ["PartitionEstimate", "Proposal", "SUPPORT_CHECK_MAX", "exact_draws", "rewards_and_log_q"]
+__all__ = [
+    "PartitionEstimate",
+    "Proposal",
+    "SUPPORT_CHECK_MAX",
+    "check_key",
+    "exact_draws",
+    "normal_quantile",
+    "rewards_and_log_q",
+    "target_draws",
+]
 
 SUPPORT_CHECK_MAX = 1 << 16
 """Spaces up to this size are enumerated to check that the proposal covers the EBM's support."""
@@ -135,8 +144,21 @@ def normal_interval(log_z: float, stderr: float, level: float) -> tuple[float, f
     """``log_z ± z_{(1+level)/2} · stderr``; ``(−∞, ∞)`` when either is not finite."""
     if not (np.isfinite(log_z) and np.isfinite(stderr)):
         return (-np.inf, np.inf)
-    half = NormalDist().inv_cdf(0.5 + level / 2) * stderr if stderr > 0 else 0.0
+    half = normal_quantile(level) * stderr if stderr > 0 else 0.0
     return (log_z - half, log_z + half)
+
+
+def normal_quantile(level: float) -> float:
+    """``z_{(1+level)/2}``: the half-width of a central ``level`` normal interval in SDs."""
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def check_key(key, name: str = "key") -> None:
+    """``TypeError`` unless ``key`` is a new-style ``jax.random.key(...)``."""
+    if key is None or not (
+        isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    ):
+        raise TypeError(f"{name} must be a jax.random.key(...), got {key!r}")
 
 
 def mean_and_stderr(values) -> tuple[float, float]:
@@ -160,10 +182,7 @@ def check_sampler(ebm, proposal, num_samples, key, max_kept) -> None:
     check_proposal(ebm, proposal, "proposal")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    if key is None or not (
-        isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    ):
-        raise TypeError(f"key must be a jax.random.key(...), got {key!r}")
+    check_key(key)
     if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 1:
         raise ValueError(f"max_kept must be an int >= 1, got {max_kept!r}")
 
@@ -214,6 +233,29 @@ def exact_draws(ebm, key, count: int):
     return ebm.sample(key, (count,)), ebm.log_partition()
 
 
+def target_draws(ebm, target_samples, count: int, key):
+    """Exact target draws ``[M, T]`` or None, from ``target_samples``: ``"auto"`` (``count``
+    exact draws with ``key`` when the EBM samples exactly: a lattice or an enumerable space;
+    None otherwise or when no sequence has positive mass), None, or int ``[M >= 2, T]``
+    sequences the caller knows are exact draws (validated)."""
+    if target_samples is None:
+        return None
+    if isinstance(target_samples, str):
+        if target_samples != "auto":
+            raise ValueError(
+                f"target_samples must be 'auto', None or sequences, got {target_samples!r}"
+            )
+        if not (ebm.is_lattice or ebm.space.num_sequences <= MAX_ENUMERATE):
+            return None
+        draws, log_z = exact_draws(ebm, key, count)
+        return draws if np.isfinite(float(log_z)) else None
+    draws = jnp.asarray(target_samples)
+    if draws.ndim != 2 or draws.shape[0] < 2:
+        raise ValueError(f"target_samples must be int [M >= 2, T], got shape {draws.shape}")
+    ebm.space.validate(draws, "target_samples")
+    return draws
+
+
 def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
     """``(E_{p_R}[R − log q], its stderr)`` from target samples, or ``(None, None)``.
 
@@ -221,25 +263,9 @@ def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
     enumerable space; drawn with ``key``, which must be independent of the estimator's),
     ``None`` (skip), or int ``[M, T]`` sequences the caller knows are exact
     draws from ``p_R``. Also checks ``log q > −∞`` on them (``check_support``)."""
+    target_samples = target_draws(ebm, target_samples, min(num_samples, TARGET_SAMPLES), key)
     if target_samples is None:
         return None, None
-    if isinstance(target_samples, str):
-        if target_samples != "auto":
-            raise ValueError(
-                f"target_samples must be 'auto', None or sequences, got {target_samples!r}"
-            )
-        if not (ebm.is_lattice or ebm.space.num_sequences <= MAX_ENUMERATE):
-            return None, None
-        target_samples, log_z = exact_draws(ebm, key, min(num_samples, TARGET_SAMPLES))
-        if not np.isfinite(float(log_z)):  # no sequence to draw
-            return None, None
-    else:
-        target_samples = jnp.asarray(target_samples)
-        if target_samples.ndim != 2 or target_samples.shape[0] < 2:
-            raise ValueError(
-                f"target_samples must be int [M >= 2, T], got shape {target_samples.shape}"
-            )
-        ebm.space.validate(target_samples)
     rewards, log_q = check_support(ebm, proposal, target_samples, "the target sample")
     excluded = np.flatnonzero(rewards == -np.inf)
     if excluded.size:
