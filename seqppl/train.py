@@ -28,7 +28,6 @@ import optax
 from tqdm.auto import tqdm
 
 from seqppl.distributions import ARM, EBM
-from seqppl.distributions.support import map_in_chunks
 from seqppl.logspace import logsumexp
 from seqppl.space import MAX_ENUMERATE
 
@@ -69,20 +68,24 @@ def exact_risk(dist, log_target) -> jax.Array:
     log_target = jnp.asarray(log_target)
     if log_target.shape != (seqs.shape[0],):
         raise ValueError(f"target must have shape [{seqs.shape[0]}], got {log_target.shape}")
-    weights = jnp.exp(log_target)
-
-    def expected(values):  # Σ ρ · values, 0 · (−∞) = 0
-        return jnp.sum(jnp.where(weights > 0, weights * values, 0.0))
-
+    chunks = -(-seqs.shape[0] // RISK_CHUNK)
+    pad = chunks * RISK_CHUNK - seqs.shape[0]
+    seqs = jnp.concatenate([seqs, jnp.broadcast_to(seqs[:1], (pad, seqs.shape[1]))])
+    weights = jnp.exp(jnp.concatenate([log_target, jnp.full((pad,), -jnp.inf)]))
+    blocks = seqs.reshape(chunks, RISK_CHUNK, -1)
     if isinstance(dist, EBM) and not dist.is_lattice:
         # one pass: the rewards of every sequence give both Σ ρ R and log Z = logsumexp R
-        rewards = map_in_chunks(dist.unnormalized_log_prob, seqs, RISK_CHUNK)
-        return logsumexp(rewards, 0) - expected(rewards)
-    if isinstance(dist, EBM):
-        return dist.log_partition() - expected(
-            map_in_chunks(dist.unnormalized_log_prob, seqs, RISK_CHUNK)
-        )
-    return -expected(map_in_chunks(dist.log_prob, seqs, RISK_CHUNK))
+        rewards = jax.lax.map(dist.unnormalized_log_prob, blocks).reshape(-1)
+        rewards = jnp.where(jnp.arange(rewards.shape[0]) < seqs.shape[0] - pad, rewards, -jnp.inf)
+        return logsumexp(rewards, 0) - jnp.sum(jnp.where(weights > 0, weights * rewards, 0.0))
+    score = dist.unnormalized_log_prob if isinstance(dist, EBM) else dist.log_prob
+
+    def chunk(args):
+        block, w = args
+        return -jnp.sum(jnp.where(w > 0, w * score(block), 0.0))
+
+    risk = jnp.sum(jax.lax.map(chunk, (blocks, weights.reshape(chunks, RISK_CHUNK))))
+    return risk + dist.log_partition() if isinstance(dist, EBM) else risk
 
 
 def fit(
