@@ -25,6 +25,9 @@ from seqppl.lattice import Lattice
 from seqppl.logspace import NEG_INF, first_nan_or_pos_inf, log_softmax, logsumexp
 from seqppl.space import SequenceSpace
 
+METHODS = ("sequential", "parallel")
+"""Schedules of the backward pass: a ``lax.scan`` over time, or an associative scan."""
+
 __all__ = [
     "soft_bellman",
     "soft_values",
@@ -34,7 +37,7 @@ __all__ = [
 ]
 
 
-def soft_values(lat: Lattice, r, reference=None) -> jax.Array:
+def soft_values(lat: Lattice, r, reference=None, *, method: str = "sequential") -> jax.Array:
     """The soft values ``V[t, s]`` of local rewards ``r`` (the backward pass of M, no q written).
 
     ``V[t, s] = logsumexp_a (r[t, s, a] + [a ≠ EOS] · V[t+1, δ(s, a)])``; ``log Z(x) =
@@ -45,6 +48,9 @@ def soft_values(lat: Lattice, r, reference=None) -> jax.Array:
         lat: the lattice.
         r: float ``[S, A]`` or ``[T, S, A]``; −∞ marks forbidden actions.
         reference: optional float ``[S, A]`` or ``[T, S, A]`` reference logits (normalised here).
+        method: ``"sequential"`` (a ``lax.scan`` over time, O(T·S·A)) or ``"parallel"`` (an
+            associative scan over ``[S+1, S+1]`` transfer matrices: depth O(log T), work
+            O(T·S³); for few states and long horizons on parallel hardware).
 
     Returns:
         float ``[T, S]``; −∞ for states with no complete continuation.
@@ -57,10 +63,12 @@ def soft_values(lat: Lattice, r, reference=None) -> jax.Array:
         ((3, 3), 2.0794)
     """
     r, reference = _prepare(lat, r, reference)
-    return _backward(lat, _with_reference(lat, r, reference), write_q=False)
+    return _backward(lat, _with_reference(lat, r, reference), write_q=False, method=method)
 
 
-def soft_bellman(lat: Lattice, r, reference=None) -> tuple[jax.Array, jax.Array]:
+def soft_bellman(
+    lat: Lattice, r, reference=None, *, method: str = "sequential"
+) -> tuple[jax.Array, jax.Array]:
     """M: the logits ``q = M(r)`` and soft values of local rewards ``r``.
 
     ``q[t, s, a] = r[t, s, a] + [a ≠ EOS] · V[t+1, δ(s, a)]``. With ``reference``, ``q`` is the
@@ -70,6 +78,7 @@ def soft_bellman(lat: Lattice, r, reference=None) -> tuple[jax.Array, jax.Array]
         lat: the lattice.
         r: float ``[S, A]`` or ``[T, S, A]``; −∞ marks forbidden actions.
         reference: optional reference logits, as in ``soft_values``.
+        method: ``"sequential"`` or ``"parallel"`` in time, as in ``soft_values``.
 
     Returns:
         ``(q, V)``: float ``[T, S, A]`` (−∞ for forbidden actions and actions into dead ends,
@@ -83,7 +92,7 @@ def soft_bellman(lat: Lattice, r, reference=None) -> tuple[jax.Array, jax.Array]
         [1.0986 1.0986 0.    ]
     """
     r, reference = _prepare(lat, r, reference)
-    q, values = _backward(lat, _with_reference(lat, r, reference), write_q=True)
+    q, values = _backward(lat, _with_reference(lat, r, reference), write_q=True, method=method)
     return _residual(q, _normalised(lat, reference)), values
 
 
@@ -201,8 +210,18 @@ def occupancy(lat: Lattice, r, prompt=None) -> jax.Array:
 # -- the dynamic program ---------------------------------------------------------------------
 
 
-def _backward(lat: Lattice, r: jax.Array, write_q: bool):
+def _backward(lat: Lattice, r: jax.Array, write_q: bool, method: str = "sequential"):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     next_index = np.where(_eos_column(lat.space), lat.num_states, lat.delta)
+    if method == "parallel":
+        return _backward_parallel(
+            jnp.asarray(next_index),
+            r,
+            horizon=lat.space.horizon,
+            eos=lat.space.eos,
+            write_q=write_q,
+        )
     if lat.next_state_ignores_state:
         next_index = next_index[:1]
     return _backward_scan(
@@ -228,6 +247,42 @@ def _backward_scan(next_index, r, *, horizon, eos, write_q):
     else:
         _, out = jax.lax.scan(step, end, r, reverse=True)
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("horizon", "eos", "write_q"))
+def _backward_parallel(next_index, r, *, horizon, eos, write_q):
+    """The same values by an associative scan over log-semiring transfer matrices (parallel in
+    time: depth O(log T), work O(T·S³)).
+
+    ``K_t[s, s'] = logsumexp_{a: next(s, a) = s'} r[t, s, a]`` on ``S + 1`` states (the last, a
+    sentinel reached by EOS, keeps value 0: ``K_t[S, S] = 0``), so ``V[t] = K_t ⊗ V[t+1]`` and
+    ``V[t] = (K_t ⊗ K_{t+1} ⊗ … ⊗ K_{T−1}) ⊗ V[T]``, the suffix products from
+    ``lax.associative_scan`` (``⊗``: max-plus-style ``logsumexp`` matrix product).
+    """
+    num_states, num_actions = r.shape[-2:]
+    r = jnp.broadcast_to(r, (horizon, num_states, num_actions))
+    lands = next_index[:, :, None] == jnp.arange(num_states + 1)[None, None, :]  # [S, A, S+1]
+    kernels = logsumexp(jnp.where(lands[None], r[..., None], NEG_INF), -2)  # [T, S, S + 1]
+    sentinel = jnp.where(jnp.arange(num_states + 1) == num_states, 0.0, NEG_INF).astype(r.dtype)
+    kernels = jnp.concatenate(
+        [kernels, jnp.broadcast_to(sentinel, (horizon, 1, num_states + 1))], axis=-2
+    )
+    # reverse scan: combine(later suffix, earlier kernel) = earlier ⊗ later
+    suffix = jax.lax.associative_scan(
+        lambda later, earlier: _log_matmul(earlier, later), kernels, reverse=True
+    )
+    end = jnp.full((num_states + 1,), NEG_INF if eos else 0, r.dtype).at[-1].set(0)
+    values = logsumexp(suffix + end[None, None, :], -1)  # [T, S + 1]
+    if not write_q:
+        return values[:, :num_states]
+    following = jnp.concatenate([values[1:], end[None]], axis=0)  # V[t + 1], sentinel last
+    q = r + following[:, next_index]
+    return q, values[:, :num_states]
+
+
+def _log_matmul(a, b):
+    """``(a ⊗ b)[..., i, j] = logsumexp_k a[..., i, k] + b[..., k, j]``."""
+    return logsumexp(a[..., :, :, None] + b[..., None, :, :], -2)
 
 
 @jax.jit

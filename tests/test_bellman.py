@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import seqppl as sp
+from seqppl.bellman import METHODS
 
 from . import oracles
 from .strategies import arm_tables, assert_close, lattices, problems, prompts, spaces, tolerance
@@ -45,6 +46,38 @@ def test_log_z_and_arm_probabilities_match_oracle(problem):
     assert_close(log_p, rewards - log_z, tol, "log p_M(r) = R - log Z")
     path = sp.path_rewards(_path_logits(q, lat, seqs, prompt), seqs, lat.space)
     assert_close(np.asarray(path).sum(-1), rewards, tol, "path-wise M⁻¹ of M(r) sums to R")
+
+
+@given(problems(), st.booleans())
+def test_parallel_in_time_dp_equals_the_sequential_scan(problem, homogeneous_reference):
+    """The associative-scan DP gives the sequential scan's q, V and gradients (float64 1e-10,
+    float32 1e-4, relative), the same −∞ pattern, with or without a reference measure."""
+    lat, r, prompt, dtype, scale = problem
+    r = jnp.asarray(r)
+    actions = jnp.arange(lat.space.num_actions, dtype=dtype)
+    shape = (lat.num_states, lat.space.num_actions)
+    reference = jnp.broadcast_to(actions, shape) if homogeneous_reference else None
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    sequential = sp.soft_bellman(lat, r, reference)
+    parallel = sp.soft_bellman(lat, r, reference, method="parallel")
+    for name, seq, par in zip(("q", "V"), sequential, parallel, strict=True):
+        assert par.dtype == dtype and par.shape == seq.shape
+        assert_close(
+            par,
+            seq,
+            rtol * max(1.0, float(np.max(np.abs(seq), where=np.isfinite(seq), initial=0.0))),
+            name,
+        )
+    start = lat.initial_state(prompt)
+
+    def log_z(table, method):
+        return sp.soft_values(lat, table, reference, method=method)[0, start]
+
+    if np.isfinite(log_z(r, "sequential")):
+        grads = [jax.grad(log_z)(r, method) for method in METHODS]
+        assert_close(grads[1], grads[0], rtol, "occupancy")
+    with pytest.raises(ValueError, match="method must be one of"):
+        sp.soft_values(lat, r, method="pallas")
 
 
 @given(problems())
