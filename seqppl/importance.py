@@ -29,6 +29,7 @@ from seqppl.estimate import (
     normal_interval,
 )
 from seqppl.lattice import Lattice
+from seqppl.sharding import check_mesh, shard_batch, to_host
 
 __all__ = ["importance_sampling"]
 
@@ -48,9 +49,12 @@ def importance_sampling(
     target_key=None,
     min_ess_fraction: float = 0.01,
     progress: bool | None = None,
+    mesh=None,
 ) -> PartitionEstimate:
     """The importance-sampling ``PartitionEstimate`` (see ``sp.log_partition`` for the
-    arguments); chunk ``c`` draws with ``fold_in(key, c)``, so results depend on ``chunk_size``."""
+    arguments); chunk ``c`` draws with ``fold_in(key, c)``, so results depend on ``chunk_size``
+    but not on ``mesh`` (each chunk's draws split over its devices, ``seqppl.sharding``)."""
+    check_mesh(mesh)
     if not 0.0 <= defensive < 1.0:
         raise ValueError(f"defensive must be in [0, 1), got {defensive!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -73,7 +77,7 @@ def importance_sampling(
     )
     for c in bar:
         valid = min(chunk, num_samples - c * chunk)
-        tokens, log_w, stats = _chunk(ebm, q, jax.random.fold_in(key, c), valid, chunk)
+        tokens, log_w, stats = _chunk(ebm, q, jax.random.fold_in(key, c), valid, chunk, mesh)
         stats = jax.device_get(stats)
         if stats["first_bad"] >= 0:
             i = int(stats["first_bad"])
@@ -83,8 +87,8 @@ def importance_sampling(
         sums.add(stats)
         room = max_kept - sum(len(w) for w in kept_log_w)
         if room > 0:
-            kept_tokens.append(np.asarray(tokens[: min(room, valid)]))
-            kept_log_w.append(np.asarray(log_w[: min(room, valid)], np.float64))
+            kept_tokens.append(to_host(tokens)[: min(room, valid)])
+            kept_log_w.append(to_host(log_w)[: min(room, valid)].astype(np.float64))
     log_weights = np.concatenate(kept_log_w)
     samples = np.concatenate(kept_tokens)
     log_z, stderr, ess = sums.log_z_stderr_ess(num_samples)
@@ -119,10 +123,10 @@ def _uniform_arm(ebm) -> ARM:
     return ARM.from_table(Lattice.markov(space, 0), zeros, prompt=ebm.prompt)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _chunk(ebm, q: Proposal, key, valid, chunk):
+@functools.partial(jax.jit, static_argnames=("chunk", "mesh"))
+def _chunk(ebm, q: Proposal, key, valid, chunk, mesh=None):
     """One chunk: tokens ``[chunk, T]``, log weights ``[chunk]`` (−∞ past ``valid``) and the
-    chunk's sufficient statistics."""
+    chunk's sufficient statistics; with a ``mesh`` the draws are split over its devices."""
     draw_key, mix_key, pick_key = jax.random.split(key, 3)
     tokens, (steps,) = q.arm.sample_with_intermediates(draw_key, (chunk,))
     log_q = steps.sum(-1)
@@ -131,6 +135,7 @@ def _chunk(ebm, q: Proposal, key, valid, chunk):
         pick = jax.random.uniform(pick_key, (chunk,)) < q.alpha
         tokens = jnp.where(pick[:, None], other, tokens)
         log_q = q.log_prob(tokens)
+    tokens, log_q = shard_batch((tokens, log_q), mesh)
     rewards = ebm.unnormalized_log_prob(tokens)
     in_chunk = jnp.arange(chunk) < valid
     bad = in_chunk & (jnp.isnan(rewards) | (rewards == jnp.inf))

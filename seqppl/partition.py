@@ -39,6 +39,7 @@ def log_partition(
     resampling: str = "systematic",
     ess_threshold: float = 0.5,
     num_replicates: int = 16,
+    mesh=None,
 ) -> PartitionEstimate:
     """Estimates ``log Z = log Σ_y exp R(y)`` of ``ebm`` (batch shape ``()``).
 
@@ -67,6 +68,9 @@ def log_partition(
         resampling, ess_threshold, num_replicates: SMC's scheme (``"multinomial"``,
             ``"stratified"``, ``"systematic"``), its trigger (resample when ESS <
             ``ess_threshold · P``) and the independent runs behind its standard error.
+        mesh: a ``jax.sharding.Mesh``: IS draws (per chunk) or SMC replicates split over its
+            devices (``seqppl.sharding``); the estimate equals the one-device estimate up to
+            the order of floating-point sums. Ignored by ``"exact"``.
 
     Returns:
         A ``PartitionEstimate``.
@@ -121,6 +125,7 @@ def log_partition(
             target_key=target_key,
             min_ess_fraction=min_ess_fraction,
             progress=progress,
+            mesh=mesh,
         )
     if defensive:
         raise ValueError("defensive applies to method='is' only")
@@ -138,4 +143,5 @@ def log_partition(
         target_samples=target_samples,
         target_key=target_key,
         min_ess_fraction=min_ess_fraction,
+        mesh=mesh,
     )

@@ -39,6 +39,7 @@ from seqppl.estimate import (
     normal_interval,
 )
 from seqppl.logspace import logsumexp, softmax
+from seqppl.sharding import check_mesh, shard_batch, to_host
 
 __all__ = ["sequential_monte_carlo", "RESAMPLING"]
 
@@ -60,9 +61,12 @@ def sequential_monte_carlo(
     target_samples="auto",
     target_key=None,
     min_ess_fraction: float = 0.01,
+    mesh=None,
 ) -> PartitionEstimate:
     """The SMC ``PartitionEstimate`` (see ``sp.log_partition``): ``num_replicates`` independent
-    runs of ``num_samples // num_replicates`` particles, pooled as ``log mean_r Ẑ_r``."""
+    runs of ``num_samples // num_replicates`` particles, pooled as ``log mean_r Ẑ_r``; with a
+    ``mesh`` the replicates are split over its devices (no communication between them)."""
+    check_mesh(mesh)
     if resampling not in RESAMPLING:
         raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
     if not 0.0 <= ess_threshold <= 1.0:
@@ -78,7 +82,8 @@ def sequential_monte_carlo(
     _check_twist(ebm, twist)
     check_proposal_covers(ebm, Proposal(proposal))
     keys = jax.random.split(jax.random.fold_in(key, 1), num_replicates)
-    out = jax.device_get(_run(ebm, proposal, keys, ess_threshold, twist, particles, resampling))
+    out = _run(ebm, proposal, keys, ess_threshold, twist, particles, resampling, mesh)
+    out = {name: to_host(value) for name, value in out.items()}
     log_w = np.asarray(out["log_w"], np.float64)  # [R, P], each row carries log Ẑ_r's prefix
     if np.isnan(log_w).any():
         raise ValueError("a weight is NaN: the twist returned NaN or +inf")
@@ -214,9 +219,10 @@ def _gather(tree, index, p):
     return jax.tree.map(one, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("twist_spec", "p", "scheme"))
-def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme):
-    """``num_replicates = len(keys)`` independent SMC runs of ``p`` particles (vmapped)."""
+@functools.partial(jax.jit, static_argnames=("twist_spec", "p", "scheme", "mesh"))
+def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None):
+    """``num_replicates = len(keys)`` independent SMC runs of ``p`` particles (vmapped; the
+    replicates split over ``mesh``)."""
     space = ebm.space
     twist = _twist(ebm, twist_spec)
     dtype = jnp.result_type(float)
@@ -276,4 +282,4 @@ def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme):
             "resampled": redo,
         }
 
-    return jax.vmap(one)(keys)
+    return shard_batch(jax.vmap(one)(shard_batch(keys, mesh)), mesh)

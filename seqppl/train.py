@@ -29,9 +29,17 @@ from tqdm.auto import tqdm
 
 from seqppl.distributions import ARM, EBM
 from seqppl.logspace import logsumexp
+from seqppl.sharding import check_mesh, replicate, shard_batch
 from seqppl.space import MAX_ENUMERATE
 
-__all__ = ["fit", "optimise", "trapezoid_schedule", "exact_risk", "CHECKPOINT_NAME"]
+__all__ = [
+    "fit",
+    "optimise",
+    "trapezoid_schedule",
+    "exact_risk",
+    "prefix_weights",
+    "CHECKPOINT_NAME",
+]
 
 CHECKPOINT_NAME = "checkpoint.pkl"
 RISK_CHUNK = 4096
@@ -58,9 +66,16 @@ def trapezoid_schedule(peak: float, steps: int, warmup: int = 100, decay: int = 
     )
 
 
-def exact_risk(dist, log_target) -> jax.Array:
+def exact_risk(dist, log_target, mesh=None) -> jax.Array:
     """``E_{y~ρ}[−log p(y)]`` over every sequence, ``ρ = exp(log_target)`` ``[N]`` in the order of
-    ``space.enumerate()``; scored in chunks of ``RISK_CHUNK`` sequences (bounded memory)."""
+    ``space.enumerate()``; scored in chunks of ``RISK_CHUNK`` rows (bounded memory).
+
+    A callable ARM over a fixed-length space is scored once per distinct prefix: by the chain
+    rule the risk is ``−Σ_t Σ_{s_t} Σ_a ρ(s_t, a) log π(a | s_t)`` (``ρ(s_t, a)`` the mass of the
+    sequences that start with ``s_t, a``), and every prefix is read from the ``N / A`` parents
+    ``y_{<T}`` (``prefix_weights``), an ``A``-fold saving over scoring every sequence. With a
+    ``mesh`` each chunk's rows are split over its devices (``seqppl.sharding``).
+    """
     space = dist.space
     if space.num_sequences > MAX_ENUMERATE:
         raise ValueError(f"exact_risk enumerates the space; it has {space.num_sequences} sequences")
@@ -68,24 +83,65 @@ def exact_risk(dist, log_target) -> jax.Array:
     log_target = jnp.asarray(log_target)
     if log_target.shape != (seqs.shape[0],):
         raise ValueError(f"target must have shape [{seqs.shape[0]}], got {log_target.shape}")
-    chunks = -(-seqs.shape[0] // RISK_CHUNK)
-    pad = chunks * RISK_CHUNK - seqs.shape[0]
-    seqs = jnp.concatenate([seqs, jnp.broadcast_to(seqs[:1], (pad, seqs.shape[1]))])
-    weights = jnp.exp(jnp.concatenate([log_target, jnp.full((pad,), -jnp.inf)]))
-    blocks = seqs.reshape(chunks, RISK_CHUNK, -1)
+    weights = jnp.exp(log_target)
+    if isinstance(dist, ARM) and dist.lattice is None and not space.eos:
+        parents = seqs[:: space.num_actions]  # y_{<T} followed by action 0
+
+        def prefix_chunk(block, w):
+            return -jnp.sum(jnp.where(w > 0, dist.log_policies(block), 0.0) * w)
+
+        return _chunked_sum(prefix_chunk, parents, prefix_weights(weights, space), mesh)
     if isinstance(dist, EBM) and not dist.is_lattice:
         # one pass: the rewards of every sequence give both Σ ρ R and log Z = logsumexp R
-        rewards = jax.lax.map(dist.unnormalized_log_prob, blocks).reshape(-1)
-        rewards = jnp.where(jnp.arange(rewards.shape[0]) < seqs.shape[0] - pad, rewards, -jnp.inf)
+        rewards = _chunked_map(dist.unnormalized_log_prob, seqs, mesh)
         return logsumexp(rewards, 0) - jnp.sum(jnp.where(weights > 0, weights * rewards, 0.0))
     score = dist.unnormalized_log_prob if isinstance(dist, EBM) else dist.log_prob
 
-    def chunk(args):
-        block, w = args
+    def chunk(block, w):
         return -jnp.sum(jnp.where(w > 0, w * score(block), 0.0))
 
-    risk = jnp.sum(jax.lax.map(chunk, (blocks, weights.reshape(chunks, RISK_CHUNK))))
+    risk = _chunked_sum(chunk, seqs, weights, mesh)
     return risk + dist.log_partition() if isinstance(dist, EBM) else risk
+
+
+def prefix_weights(target, space) -> jax.Array:
+    """``W [N/A, T, A]``: ``W[p, t, a] = ρ(y_{<t}, a)``, the mass of the sequences starting with
+    parent p's first t tokens and then a, when p is the first parent in enumeration order with
+    that prefix (its later tokens all 0), else 0; ``target`` is ``ρ`` ``[N]`` over a fixed-length
+    space's ``enumerate()``, so ``Σ_{p,t,a} W[p, t, a] · f(y_{<t}^p, a)`` visits each prefix once.
+    """
+    A, T = space.num_actions, space.horizon
+    rho = target.reshape((A,) * T)
+    weights = jnp.zeros((A ** (T - 1), T, A), target.dtype)
+    for t in range(T):
+        mass = rho.sum(axis=tuple(range(t + 1, T))).reshape(A**t, A)  # ρ(y_{<t}, a)
+        first_parent = jnp.arange(A**t) * A ** (T - 1 - t)
+        weights = weights.at[first_parent, t].set(mass)
+    return weights
+
+
+def _chunks(rows, fill):
+    """``rows [N, ...]`` padded with ``fill`` to a multiple of ``C = min(N, RISK_CHUNK)`` and
+    cut into blocks ``[⌈N / C⌉, C, ...]``."""
+    size = min(rows.shape[0], RISK_CHUNK)
+    count = -(-rows.shape[0] // size)
+    pad = jnp.broadcast_to(fill, (count * size - rows.shape[0], *rows.shape[1:]))
+    return jnp.concatenate([rows, pad.astype(rows.dtype)]).reshape(count, size, *rows.shape[1:])
+
+
+def _chunked_sum(fn, rows, weights, mesh=None):
+    """``Σ_blocks fn(rows block, weights block)``, padding with the first row and weight 0;
+    each block's rows split over ``mesh``."""
+    blocks = (_chunks(rows, rows[:1]), _chunks(weights, jnp.zeros((), weights.dtype)))
+    return jnp.sum(jax.lax.map(lambda args: fn(*shard_batch(args, mesh)), blocks))
+
+
+def _chunked_map(fn, rows, mesh=None):
+    """``fn`` applied to ``rows [N, T]`` block by block (rows split over ``mesh``), ``[N]``."""
+    blocks = _chunks(rows, rows[:1])
+    return jax.lax.map(lambda block: fn(shard_batch(block, mesh)), blocks).reshape(-1)[
+        : rows.shape[0]
+    ]
 
 
 def fit(
@@ -106,6 +162,7 @@ def fit(
     proposal=None,
     num_samples: int = 256,
     progress: bool = True,
+    mesh=None,
 ):
     """Train ``dist.params`` by likelihood; returns ``(trained distribution, history)``.
 
@@ -132,6 +189,10 @@ def fit(
         metrics: optional ``metrics(dist) -> {name: float}``, evaluated on the distribution
             with the current parameters at every logged step (before that step's update).
         progress: show a tqdm bar with the loss.
+        mesh: a ``jax.sharding.Mesh`` for data parallelism: each step's minibatch (or each
+            exact-risk chunk, or the IS draws) split over its devices, parameters replicated,
+            gradients reduced by XLA (``seqppl.sharding``); the same losses and parameters as
+            on one device up to the order of floating-point sums.
 
     Returns:
         ``(dist.with_params(trained), history)`` with ``history`` a dict of numpy arrays
@@ -157,10 +218,10 @@ def fit(
     if dist.params is None:
         raise ValueError("dist has no params to train (give params= or use from_table/from_nnx)")
     if target is None:
-        log_z = _log_partition_fn(dist, log_partition, proposal, num_samples, key)
-        loss_fn = _data_loss(dist, data, batch_size, key, log_z)
+        log_z = _log_partition_fn(dist, log_partition, proposal, num_samples, key, mesh)
+        loss_fn = _data_loss(dist, data, batch_size, key, log_z, mesh)
     else:
-        loss_fn = _risk_loss(dist, target)
+        loss_fn = _risk_loss(dist, target, mesh)
     optimizer = optimizer or optax.adam(trapezoid_schedule(learning_rate, steps))
     params, history, stopped = optimise(
         lambda params, step, carry: (loss_fn(params, step), {}),
@@ -174,6 +235,7 @@ def fit(
         metrics=None if metrics is None else lambda params: metrics(dist.with_params(params)),
         progress=progress,
         desc="fit",
+        mesh=mesh,
     )
     if stopped is not None:
         raise FloatingPointError(stopped)
@@ -197,6 +259,7 @@ def optimise(
     refresh=None,
     progress: bool = True,
     desc: str = "fit",
+    mesh=None,
 ):
     """The training loop shared by ``fit`` and ``distill``: optax updates of ``params``.
 
@@ -213,6 +276,8 @@ def optimise(
             parameters), checkpointed with the rest.
         refresh: ``refresh(carry, params, aux) -> (carry, {name: float})`` at every logged step
             (host side): a new carry for the following steps and figures for the history.
+        mesh: params, optimiser state and carry are replicated over its devices (the loss
+            shards its own batch).
 
     Returns:
         ``(params, history, stopped)``: the last good parameters, the history (numpy arrays,
@@ -238,6 +303,9 @@ def optimise(
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     if path is not None and path.exists():
         state = _load(path, fingerprint)
+    check_mesh(mesh)
+    for name in ("params", "opt_state", "carry"):
+        state[name] = replicate(state[name], mesh)
     bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc=desc)
     started = time.perf_counter()
     stopped = None
@@ -298,7 +366,7 @@ def _rewound(state, last_good):
     return {**last_good, "history": history}
 
 
-def _log_partition_fn(dist, method, proposal, num_samples, key):
+def _log_partition_fn(dist, method, proposal, num_samples, key, mesh=None):
     """``(model, step) -> log Z`` for the data objective of an EBM (None for an ARM)."""
     if isinstance(dist, ARM):
         return None
@@ -318,14 +386,16 @@ def _log_partition_fn(dist, method, proposal, num_samples, key):
 
     def log_z(model, step):
         draw_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
-        ys, (steps,) = proposal.sample_with_intermediates(draw_key, (num_samples,))
+        ys, (steps,) = shard_batch(
+            proposal.sample_with_intermediates(draw_key, (num_samples,)), mesh
+        )
         log_w = model.unnormalized_log_prob(ys) - jax.lax.stop_gradient(steps.sum(-1))
         return logsumexp(log_w, 0) - jnp.log(num_samples)
 
     return log_z
 
 
-def _data_loss(dist, data, batch_size, key, log_z):
+def _data_loss(dist, data, batch_size, key, log_z, mesh=None):
     data = jnp.asarray(data)
     if data.ndim != 2 or data.shape[-1] != dist.space.horizon:
         raise ValueError(f"data must be int [N, {dist.space.horizon}], got shape {data.shape}")
@@ -334,15 +404,16 @@ def _data_loss(dist, data, batch_size, key, log_z):
     def loss(params, step):
         index = jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, data.shape[0])
         model = dist.with_params(params)
+        batch = shard_batch(data[index], mesh)
         if log_z is None:
-            return -jnp.mean(model.log_prob(data[index]))
-        return log_z(model, step) - jnp.mean(model.unnormalized_log_prob(data[index]))
+            return -jnp.mean(model.log_prob(batch))
+        return log_z(model, step) - jnp.mean(model.unnormalized_log_prob(batch))
 
     return loss
 
 
-def _risk_loss(dist, target):
-    return lambda params, step: exact_risk(dist.with_params(params), target)
+def _risk_loss(dist, target, mesh=None):
+    return lambda params, step: exact_risk(dist.with_params(params), target, mesh)
 
 
 def _fingerprint(dist, steps, data, target, *extra: str) -> str:
