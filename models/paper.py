@@ -15,6 +15,7 @@ step k, compares its logits ``q_k`` with ``R*``:
 from __future__ import annotations
 
 import csv
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def reproduce(
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {config!r}")
     cfg = CONFIGS[config]
+    started = time.perf_counter()
     space = sp.SequenceSpace(cfg.vocab_size, cfg.length, eos=False)
     log_rho = paper_target(space, target, seed, zipf_order)
     entropy = float(-(jnp.exp(log_rho) * log_rho).sum())
@@ -158,11 +160,16 @@ def reproduce(
         **{name: arm_history[name] for name in ("before_map", "after_map", "kl", "bound")},
     }
     if out is not None:
-        _write(Path(out), result, config, target, steps, lr, seed)
+        timing = {
+            "wall": time.perf_counter() - started,
+            "ebm": float(ebm_history["seconds"][-1]),
+            "arm": float(arm_history["seconds"][-1]),
+        }
+        _write(Path(out), result, config, target, steps, lr, seed, timing)
     return result
 
 
-def _write(out: Path, result, config, target, steps, lr, seed):
+def _write(out: Path, result, config, target, steps, lr, seed, timing):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,5 +207,9 @@ def _write(out: Path, result, config, target, steps, lr, seed):
         "",
         f"kl ≤ bound at every logged step: {kl_ok}; "
         f"after-map / before-map at the end: {final['after_map'] / final['before_map']:.3g}",
+        "",
+        f"wall time {timing['wall']:.0f} s (EBM training {timing['ebm']:.0f} s, ARM training "
+        f"with the metrics {timing['arm']:.0f} s) on {jax.devices()[0].device_kind}, "
+        f"jax {jax.__version__}",
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

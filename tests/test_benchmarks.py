@@ -4,6 +4,7 @@ Slow-marked (``make test-all``): the scripts measure the library rather than def
 their start-up and compilation cost about a minute and a half of ``make test``'s budget.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,10 @@ def test_benchmark_runs_tiny(script):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "|---|" in out.stdout, "each benchmark prints a markdown table"
+
+
+def test_run_gpu_refuses_without_a_gpu():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "no GPU" in out.stderr, out.stderr
