@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqppl as sp
@@ -48,6 +48,7 @@ def test_log_z_and_arm_probabilities_match_oracle(problem):
     assert_close(np.asarray(path).sum(-1), rewards, tol, "path-wise M⁻¹ of M(r) sums to R")
 
 
+@settings(max_examples=max(4, settings.default.max_examples // 2))  # compiles per shape
 @given(problems(), st.booleans())
 def test_parallel_in_time_dp_equals_the_sequential_scan(problem, homogeneous_reference):
     """The associative-scan DP gives the sequential scan's q, V and gradients (float64 1e-10,
