@@ -28,6 +28,7 @@ import optax
 from tqdm.auto import tqdm
 
 from seqppl.distributions import ARM, EBM
+from seqppl.distributions.support import map_in_chunks
 from seqppl.logspace import logsumexp
 from seqppl.sharding import check_mesh, replicate, shard_batch
 from seqppl.space import MAX_ENUMERATE
@@ -86,21 +87,16 @@ def exact_risk(dist, log_target, mesh=None) -> jax.Array:
     weights = jnp.exp(log_target)
     if isinstance(dist, ARM) and dist.lattice is None and not space.eos:
         parents = seqs[:: space.num_actions]  # y_{<T} followed by action 0
-
-        def prefix_chunk(block, w):
-            return -jnp.sum(jnp.where(w > 0, dist.log_policies(block), 0.0) * w)
-
-        return _chunked_sum(prefix_chunk, parents, prefix_weights(weights, space), mesh)
+        log_policies = _in_chunks(dist.log_policies, parents, mesh)  # [N/A, T, A]
+        prefix_mass = prefix_weights(weights, space)
+        return -jnp.sum(jnp.where(prefix_mass > 0, log_policies, 0.0) * prefix_mass)
     if isinstance(dist, EBM) and not dist.is_lattice:
         # one pass: the rewards of every sequence give both Σ ρ R and log Z = logsumexp R
-        rewards = _chunked_map(dist.unnormalized_log_prob, seqs, mesh)
+        rewards = _in_chunks(dist.unnormalized_log_prob, seqs, mesh)
         return logsumexp(rewards, 0) - jnp.sum(jnp.where(weights > 0, weights * rewards, 0.0))
     score = dist.unnormalized_log_prob if isinstance(dist, EBM) else dist.log_prob
-
-    def chunk(block, w):
-        return -jnp.sum(jnp.where(w > 0, w * score(block), 0.0))
-
-    risk = _chunked_sum(chunk, seqs, weights, mesh)
+    scores = _in_chunks(score, seqs, mesh)
+    risk = -jnp.sum(jnp.where(weights > 0, weights * scores, 0.0))
     return risk + dist.log_partition() if isinstance(dist, EBM) else risk
 
 
@@ -120,28 +116,11 @@ def prefix_weights(target, space) -> jax.Array:
     return weights
 
 
-def _chunks(rows, fill):
-    """``rows [N, ...]`` padded with ``fill`` to a multiple of ``C = min(N, RISK_CHUNK)`` and
-    cut into blocks ``[⌈N / C⌉, C, ...]``."""
+def _in_chunks(fn, rows, mesh=None):
+    """``fn(rows)`` evaluated ``RISK_CHUNK`` rows at a time (``map_in_chunks``), each chunk's
+    rows split over ``mesh``."""
     size = min(rows.shape[0], RISK_CHUNK)
-    count = -(-rows.shape[0] // size)
-    pad = jnp.broadcast_to(fill, (count * size - rows.shape[0], *rows.shape[1:]))
-    return jnp.concatenate([rows, pad.astype(rows.dtype)]).reshape(count, size, *rows.shape[1:])
-
-
-def _chunked_sum(fn, rows, weights, mesh=None):
-    """``Σ_blocks fn(rows block, weights block)``, padding with the first row and weight 0;
-    each block's rows split over ``mesh``."""
-    blocks = (_chunks(rows, rows[:1]), _chunks(weights, jnp.zeros((), weights.dtype)))
-    return jnp.sum(jax.lax.map(lambda args: fn(*shard_batch(args, mesh)), blocks))
-
-
-def _chunked_map(fn, rows, mesh=None):
-    """``fn`` applied to ``rows [N, T]`` block by block (rows split over ``mesh``), ``[N]``."""
-    blocks = _chunks(rows, rows[:1])
-    return jax.lax.map(lambda block: fn(shard_batch(block, mesh)), blocks).reshape(-1)[
-        : rows.shape[0]
-    ]
+    return map_in_chunks(lambda block: fn(shard_batch(block, mesh)), rows, size)
 
 
 def fit(
