@@ -17,24 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
+
+import jax
+import numpy as np
+from bench_bellman import timed
+from jax.sharding import Mesh
+
+import seqppl as sp
+from seqppl import importance, sharding, train
 
 DEVICE_WORKER = "--device-worker"
-
-
-def timed(fn, *args, repeats: int):
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def memory_bytes(fn, *args) -> int:
@@ -43,11 +37,6 @@ def memory_bytes(fn, *args) -> int:
 
 
 def automaton_rewards(states: int, actions: int, horizon: int, seed: int = 0):
-    import jax
-    import numpy as np
-
-    import seqppl as sp
-
     space = sp.SequenceSpace(vocab_size=actions, length=horizon)
     delta = np.random.default_rng(seed).integers(0, states, size=(states, actions))
     lat = sp.Lattice.automaton(space, delta)
@@ -57,11 +46,6 @@ def automaton_rewards(states: int, actions: int, horizon: int, seed: int = 0):
 
 def dp_scaling(horizons, sizes, repeats):
     """Rows (kind, S, A, T, method, seconds, bytes) for soft_values."""
-    import jax
-    import numpy as np
-
-    import seqppl as sp
-
     rows = []
     for states, actions in sizes:
         for horizon in horizons:
@@ -74,7 +58,7 @@ def dp_scaling(horizons, sizes, repeats):
                 results[method] = fn(r)
                 rows.append(
                     ("dp", states, actions, horizon, method,
-                     timed(fn, r, repeats=repeats), memory_bytes(fn, r))
+                     timed(fn, r, repeats=repeats)[1], memory_bytes(fn, r))
                 )  # fmt: skip
             if "parallel" in results:
                 np.testing.assert_allclose(
@@ -85,11 +69,6 @@ def dp_scaling(horizons, sizes, repeats):
 
 def is_scaling(sample_counts, repeats):
     """Rows ("is", S, A, T, draws, seconds, bytes): IS from a V=64 Markov(1) lattice ARM."""
-    import jax
-
-    import seqppl as sp
-    from seqppl import importance
-
     space = sp.SequenceSpace(vocab_size=64, length=64)
     lat = sp.Lattice.markov(space, 1)
     ebm = sp.EBM.from_table(lat, jax.random.normal(jax.random.key(0), (lat.num_states, 64)))
@@ -97,7 +76,7 @@ def is_scaling(sample_counts, repeats):
     rows = []
     for count in sample_counts:
         fn = jax.jit(lambda key, n=count: importance._chunk(ebm, proposal, key, n, n)[2])
-        seconds = timed(fn, jax.random.key(1), repeats=repeats)
+        seconds = timed(fn, jax.random.key(1), repeats=repeats)[1]
         rows.append(
             ("is", lat.num_states, 64, 64, count, seconds, memory_bytes(fn, jax.random.key(1)))
         )
@@ -106,13 +85,6 @@ def is_scaling(sample_counts, repeats):
 
 def device_worker(draws: int, repeats: int) -> dict:
     """In a process with N forced devices: IS chunk and one data-parallel training step."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    import seqppl as sp
-    from seqppl import importance, sharding, train
-
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     space = sp.SequenceSpace(vocab_size=64, length=64)
     lat = sp.Lattice.markov(space, 1)
@@ -127,8 +99,8 @@ def device_worker(draws: int, repeats: int) -> dict:
     grad_fn = jax.jit(jax.grad(lambda p: loss(p, 0)))
     return {
         "devices": len(jax.devices()),
-        "is_seconds": timed(is_fn, jax.random.key(1), repeats=repeats),
-        "grad_seconds": timed(grad_fn, params, repeats=repeats),
+        "is_seconds": timed(is_fn, jax.random.key(1), repeats=repeats)[1],
+        "grad_seconds": timed(grad_fn, params, repeats=repeats)[1],
     }
 
 
@@ -209,8 +181,6 @@ def main():
     dp_rows = dp_scaling(horizons, sizes, args.repeats)
     is_rows = is_scaling(samples, args.repeats)
     device_rows = device_scaling(devices, draws, args.repeats)
-
-    import jax
 
     print(f"jax {jax.__version__}, device {jax.devices()[0]}, float32\n")
     print("| soft values: S | A | T | method | ms | MB |")
