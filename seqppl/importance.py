@@ -87,8 +87,9 @@ def importance_sampling(
         sums.add(stats)
         room = max_kept - sum(len(w) for w in kept_log_w)
         if room > 0:
-            kept_tokens.append(to_host(tokens)[: min(room, valid)])
-            kept_log_w.append(to_host(log_w)[: min(room, valid)].astype(np.float64))
+            keep = min(room, valid)
+            kept_tokens.append(to_host(tokens[:keep]))
+            kept_log_w.append(to_host(log_w[:keep]).astype(np.float64))
     log_weights = np.concatenate(kept_log_w)
     samples = np.concatenate(kept_tokens)
     log_z, stderr, ess = sums.log_z_stderr_ess(num_samples)
