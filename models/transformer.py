@@ -23,23 +23,60 @@ from flax import nnx
 __all__ = ["Block", "TransformerARM", "TransformerEBM"]
 
 
+def _matmul_dtype(dtype, matmul_dtype):
+    dtype = jnp.dtype(dtype if matmul_dtype is None else matmul_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"matmul_dtype must be a floating dtype, got {dtype}")
+    return dtype
+
+
+def _linear(fan_in, fan_out, rngs, dtype, matmul_dtype):
+    """A dense layer with ``dtype`` parameters whose product reads ``matmul_dtype`` inputs and
+    accumulates in ``dtype``."""
+    return nnx.Linear(
+        fan_in,
+        fan_out,
+        rngs=rngs,
+        dtype=matmul_dtype,
+        param_dtype=dtype,
+        preferred_element_type=dtype,
+    )
+
+
 class Block(nnx.Module):
-    """One pre-LayerNorm block with biased fused QKV and output projections.
+    """One pre-LayerNorm block with biased fused QKV and output projections; parameters, norms
+    and softmax in ``dtype``, matrix products on ``matmul_dtype`` inputs accumulated in ``dtype``.
 
     ``__call__(x [..., L, D], mask [L, L] | None)``; ``attend_cached`` for one new position.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        matmul_dtype=None,
+    ):
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.heads = heads
-        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": dtype}
-        self.ln_attn = nnx.LayerNorm(dim, **kw)
-        self.qkv = nnx.Linear(dim, 3 * dim, **kw)
-        self.out = nnx.Linear(dim, dim, **kw)
-        self.ln_mlp = nnx.LayerNorm(dim, **kw)
-        self.up = nnx.Linear(dim, mlp_dim, **kw)
-        self.down = nnx.Linear(mlp_dim, dim, **kw)
+        self.dtype = dtype
+        self.matmul_dtype = _matmul_dtype(dtype, matmul_dtype)
+        norm = {"rngs": rngs, "dtype": dtype, "param_dtype": dtype}
+        self.ln_attn = nnx.LayerNorm(dim, **norm)
+        self.qkv = _linear(dim, 3 * dim, rngs, dtype, self.matmul_dtype)
+        self.out = _linear(dim, dim, rngs, dtype, self.matmul_dtype)
+        self.ln_mlp = nnx.LayerNorm(dim, **norm)
+        self.up = _linear(dim, mlp_dim, rngs, dtype, self.matmul_dtype)
+        self.down = _linear(mlp_dim, dim, rngs, dtype, self.matmul_dtype)
+
+    def _product(self, spec, a, b):
+        """``einsum(spec, a, b)`` with ``matmul_dtype`` inputs, accumulated in ``dtype``."""
+        cast = self.matmul_dtype
+        return jnp.einsum(spec, a.astype(cast), b.astype(cast), preferred_element_type=self.dtype)
 
     def _split_heads(self, x):
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
@@ -52,10 +89,10 @@ class Block(nnx.Module):
     def __call__(self, x, mask=None):
         """``x [..., L, D]``; ``mask [L, L]`` (True where query i may read key j) or None."""
         q, k, v = self._split_heads(self.ln_attn(x))
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
+        scores = self._product("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
         if mask is not None:
             scores = jnp.where(mask, scores, -jnp.inf)
-        attended = jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(scores, axis=-1), v)
+        attended = self._product("...hqk,...khd->...qhd", jax.nn.softmax(scores, axis=-1), v)
         x = x + self.out(attended.reshape(x.shape))
         return self._mlp(x)
 
@@ -64,12 +101,12 @@ class Block(nnx.Module):
         hold the earlier positions. Returns ``(x_out, keys, values)`` with this position written.
         """
         q, k, v = self._split_heads(self.ln_attn(x))
-        keys = jax.lax.dynamic_update_index_in_dim(keys, k, position, axis=-3)
-        values = jax.lax.dynamic_update_index_in_dim(values, v, position, axis=-3)
-        scores = jnp.einsum("...hd,...khd->...hk", q, keys) / math.sqrt(q.shape[-1])
+        keys = jax.lax.dynamic_update_index_in_dim(keys, k.astype(keys.dtype), position, axis=-3)
+        values = jax.lax.dynamic_update_index_in_dim(values, v.astype(keys.dtype), position, -3)
+        scores = self._product("...hd,...khd->...hk", q, keys) / math.sqrt(q.shape[-1])
         visible = jnp.arange(keys.shape[-3]) <= position
         scores = jnp.where(visible, scores, -jnp.inf)
-        attended = jnp.einsum("...hk,...khd->...hd", jax.nn.softmax(scores, axis=-1), values)
+        attended = self._product("...hk,...khd->...hd", jax.nn.softmax(scores, axis=-1), values)
         x = x + self.out(attended.reshape(x.shape))
         return self._mlp(x), keys, values
 
@@ -92,15 +129,20 @@ class _Trunk(nnx.Module):
         *,
         rngs,
         dtype=jnp.float32,
+        matmul_dtype=None,
     ):
         self.num_actions, self.max_len = num_actions, max_len
+        self.matmul_dtype = _matmul_dtype(dtype, matmul_dtype)
         self.embed = nnx.Embed(num_actions + 1, dim, rngs=rngs, dtype=dtype, param_dtype=dtype)
         self.positions = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim), dtype))
         self.blocks = nnx.List(
-            [Block(dim, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(layers)]
+            [
+                Block(dim, heads, mlp_dim, rngs=rngs, dtype=dtype, matmul_dtype=matmul_dtype)
+                for _ in range(layers)
+            ]
         )
         features = self._head_features(num_actions)
-        self.head = nnx.Linear(dim, features, rngs=rngs, dtype=dtype, param_dtype=dtype)
+        self.head = _linear(dim, features, rngs, dtype, self.matmul_dtype)
 
     def _inputs(self, tokens, prompt):
         """``[BOS, prompt, tokens]`` ``[..., L]``, with the prompt broadcast to the batch."""
@@ -130,7 +172,12 @@ class TransformerARM(_Trunk):
         max_len: positions available, at least ``P + T`` (prompt length plus horizon).
         layers, heads, dim, mlp_dim: ``N``, ``H``, ``D``, ``F``.
         rngs: ``nnx.Rngs`` for the initial parameters.
-        dtype: parameter and computation dtype.
+        dtype: parameter dtype and the dtype of everything but the matrix products (LayerNorm,
+            softmax, the residual stream, the logits).
+        matmul_dtype: input dtype of every matrix product (dense layers, attention), which
+            accumulate in ``dtype``; e.g. ``jnp.bfloat16`` with float32 parameters. Default
+            ``dtype``. The key/value cache is kept in it. Gradients flow back in ``dtype``
+            (the backward products take ``dtype`` cotangents).
 
     Use with ``seqppl.ARM.from_nnx(model, space)``: ``sample`` then runs ``init``/``step``.
     """
@@ -150,10 +197,9 @@ class TransformerARM(_Trunk):
         dim = self.positions.shape[-1]
         heads = self.blocks[0].heads
         shape = (*batch_shape, self.max_len, heads, dim // heads)
-        dtype = self.positions[...].dtype
-        cache = {
-            "keys": [jnp.zeros(shape, dtype) for _ in self.blocks],
-            "values": [jnp.zeros(shape, dtype) for _ in self.blocks],
+        cache = {  # keys and values as the attention products read them
+            "keys": [jnp.zeros(shape, self.matmul_dtype) for _ in self.blocks],
+            "values": [jnp.zeros(shape, self.matmul_dtype) for _ in self.blocks],
             "position": jnp.zeros((), jnp.int32),
         }
         ids = self._inputs(jnp.zeros((*batch_shape, 0), jnp.int32), prompt)
@@ -180,6 +226,7 @@ class TransformerARM(_Trunk):
 class TransformerEBM(_Trunk):
     """Bidirectional Transformer reward ``tokens [..., T] -> R [...]``: mean over the positions
     ``[BOS, prompt, tokens]`` of the last block's output, then a linear head to one scalar.
+    Arguments as ``TransformerARM``'s (``max_len`` at least ``1 + P + T``).
 
     Use with ``seqppl.EBM.from_nnx(model, space)``.
     """

@@ -74,6 +74,54 @@ def test_transformer_is_causal():
         assert not np.allclose(logits[:, t + 1 :], base[:, t + 1 :]) or t == SPACE.horizon - 1
 
 
+def _dot_products(jaxpr):
+    """Every ``dot_general`` equation of a closed jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else [value]:
+                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):  # a Jaxpr or ClosedJaxpr
+                    found += _dot_products(getattr(sub, "jaxpr", sub))
+    return found
+
+
+def test_bf16_matmuls_accumulate_in_float32(seed=0):
+    """``matmul_dtype=bfloat16``: every forward product reads bf16 and accumulates in float32,
+    parameters and gradients stay float32, logits are within a few bf16 rounding units
+    (u = 2⁻⁸) of the float32 model's, and cached decoding (a bf16 key/value cache) matches
+    ``log_prob``."""
+    space = sp.SequenceSpace(vocab_size=5, length=6, eos=False)
+    sizes = (2, 2, 16, 16)
+    exact = TransformerARM(5, 6, *sizes, rngs=nnx.Rngs(seed))
+    mixed = TransformerARM(5, 6, *sizes, rngs=nnx.Rngs(seed), matmul_dtype=jnp.bfloat16)
+    arm = sp.ARM.from_nnx(mixed, space)
+    y, (steps,) = arm.sample_with_intermediates(jax.random.key(seed), (64,))
+    unit = 2.0**-8
+    reference = exact(y)
+    assert mixed(y).dtype == jnp.float32
+    assert np.max(np.abs(mixed(y) - reference)) <= 8 * unit * np.max(np.abs(reference))
+    np.testing.assert_allclose(arm.log_prob(y), steps.sum(-1), rtol=1e-5)
+    ebm = TransformerEBM(5, 7, *sizes, rngs=nnx.Rngs(seed), matmul_dtype=jnp.bfloat16)
+    reward = TransformerEBM(5, 7, *sizes, rngs=nnx.Rngs(seed))(y)
+    assert np.max(np.abs(ebm(y) - reward)) <= 8 * unit * np.max(np.abs(reward))
+    for dist in (arm, sp.EBM.from_nnx(ebm, space)):
+        loss = lambda p, d=dist: -d.with_params(p).log_prob(y).mean()  # noqa: E731
+        products = _dot_products(jax.make_jaxpr(loss)(dist.params).jaxpr)  # the forward pass
+        assert products and all(
+            {v.aval.dtype for v in eqn.invars} == {jnp.dtype(jnp.bfloat16)}
+            and eqn.outvars[0].aval.dtype == jnp.float32
+            for eqn in products
+        )
+        grads = jax.jit(jax.grad(loss))(dist.params)
+        assert all(
+            g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)
+        )
+    with pytest.raises(TypeError, match="matmul_dtype"):
+        TransformerARM(5, 6, rngs=nnx.Rngs(0), matmul_dtype=jnp.int8)
+
+
 def test_transformer_ebm_rewards_and_exact_normaliser():
     space = sp.SequenceSpace(vocab_size=3, length=3, eos=False)
     module = TransformerEBM(3, 4, rngs=nnx.Rngs(0), dtype=jnp.float64)
