@@ -29,11 +29,17 @@ import optax
 from seqppl.diagnostics import EstimateWarning, kish_ess, pareto_khat
 from seqppl.distillation_report import distillation_error
 from seqppl.distributions import ARM, EBM
-from seqppl.distributions.support import map_in_chunks
 from seqppl.estimate import check_key, check_proposal
 from seqppl.logspace import categorical_kl, logsumexp, softmax
+from seqppl.sharding import check_mesh, shard_batch
 from seqppl.space import MAX_ENUMERATE
-from seqppl.train import RISK_CHUNK, _fingerprint, exact_risk, optimise, trapezoid_schedule
+from seqppl.train import (
+    _fingerprint,
+    _in_chunks,
+    exact_risk,
+    optimise,
+    trapezoid_schedule,
+)
 
 __all__ = ["distill", "OBJECTIVES", "EXACT_GRADIENT_MAX", "DistillationStopped"]
 
@@ -69,6 +75,7 @@ def distill(
     min_ess_fraction: float = 0.01,
     patience: int = 3,
     progress: bool = True,
+    mesh=None,
 ):
     """Train ``student.params`` to approximate ``ebm``; returns ``(trained student, history)``.
 
@@ -100,6 +107,10 @@ def distill(
             k-hat exceeds ``max_khat`` or their Kish ESS falls below ``min_ess_fraction`` of
             the draws at ``patience`` consecutive logged steps (the gradient estimates are no
             longer trustworthy).
+        mesh: a ``jax.sharding.Mesh`` for data parallelism (``seqppl.sharding``): each step's
+            draws (or each chunk of the enumerated space for the exact objectives) are split
+            over its devices and the parameters replicated; the evaluation reports run
+            unsharded. Same results as one device up to the order of sums.
 
     Returns:
         ``(student.with_params(trained), history)``: ``history`` is a dict of numpy arrays
@@ -141,8 +152,9 @@ def distill(
     if not (isinstance(proposal, str) and proposal == "student") and objective != "forward_kl":
         raise ValueError(f"proposal= applies to objective='forward_kl' only, not {objective!r}")
     check_key(key)
+    check_mesh(mesh)
     loss_fn, summarise, refresh = _objective(
-        ebm, student, objective, key, num_samples, estimator, proposal
+        ebm, student, objective, key, num_samples, estimator, proposal, mesh
     )
     metrics = _evaluation(ebm, student, evaluate, eval_samples, key)
     optimizer = optimizer or optax.adam(trapezoid_schedule(learning_rate, steps))
@@ -187,6 +199,7 @@ def distill(
         refresh=refresh,
         progress=progress,
         desc=f"distill ({objective})",
+        mesh=mesh,
     )
     if stopped is not None:
         history["stop_reason"] = stopped
@@ -194,8 +207,9 @@ def distill(
     return student.with_params(params), history
 
 
-def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
-    """``(loss_fn(params, step, carry) -> (value, aux), summarise | None, refresh | None)``."""
+def _objective(ebm, student, objective, key, num_samples, estimator, proposal, mesh=None):
+    """``(loss_fn(params, step, carry) -> (value, aux), summarise | None, refresh | None)``;
+    the batch axis of the draws (or of each enumerated chunk) split over ``mesh``."""
     space = ebm.space
     if objective == "soft_bellman":
         if not ebm.is_lattice:
@@ -204,7 +218,7 @@ def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
                 "are all lattice tables); for this target use 'reverse_kl' or 'forward_kl'"
                 + (" or 'exact'" if space.num_sequences <= MAX_ENUMERATE else "")
             )
-        return _soft_bellman(ebm, student, key, num_samples), None, None
+        return _soft_bellman(ebm, student, key, num_samples, mesh), None, None
     if objective == "exact" or (objective == "reverse_kl" and _exact_gradients(space, estimator)):
         if space.num_sequences > MAX_ENUMERATE:
             asked = "objective='exact'" if objective == "exact" else "estimator='exact'"
@@ -214,12 +228,12 @@ def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
                 "estimator='score_function', 'forward_kl' or 'soft_bellman')"
             )
         seqs = jnp.asarray(space.enumerate())
-        log_p = jax.jit(lambda e: map_in_chunks(e.log_prob, seqs, RISK_CHUNK))(ebm)
+        log_p = jax.jit(lambda e: _in_chunks(e.log_prob, seqs, mesh))(ebm)
         if objective == "exact":
             entropy = -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0))
             return (
                 lambda params, step, carry: (
-                    exact_risk(student.with_params(params), log_p) - entropy,
+                    exact_risk(student.with_params(params), log_p, mesh) - entropy,
                     {},
                 ),
                 None,
@@ -228,12 +242,12 @@ def _objective(ebm, student, objective, key, num_samples, estimator, proposal):
 
         def reverse(params, step, carry):
             model = student.with_params(params)
-            return categorical_kl(map_in_chunks(model.log_prob, seqs, RISK_CHUNK), log_p, 0), {}
+            return categorical_kl(_in_chunks(model.log_prob, seqs, mesh), log_p, 0), {}
 
         return reverse, None, None
     if objective == "reverse_kl":
-        return _score_function(ebm, student, key, num_samples), None, None
-    return _forward_kl(ebm, student, key, num_samples, proposal)
+        return _score_function(ebm, student, key, num_samples, mesh), None, None
+    return _forward_kl(ebm, student, key, num_samples, proposal, mesh)
 
 
 def _exact_gradients(space, estimator) -> bool:
@@ -254,19 +268,20 @@ def _exact_log_z(ebm):
         return None
 
 
-def _detached_draws(student, params, key, step, num_samples):
-    """``num_samples`` draws of the student at ``params`` (no gradient), step ``step``'s key."""
+def _detached_draws(student, params, key, step, num_samples, mesh):
+    """``num_samples`` draws of the student at ``params`` (no gradient), step ``step``'s key,
+    split over ``mesh``."""
     detached = student.with_params(jax.lax.stop_gradient(params))
-    return detached.sample(jax.random.fold_in(key, step), (num_samples,))
+    return shard_batch(detached.sample(jax.random.fold_in(key, step), (num_samples,)), mesh)
 
 
-def _score_function(ebm, student, key, num_samples):
+def _score_function(ebm, student, key, num_samples, mesh):
     """``mean((f_i − b_i) ∇ log q(y_i))``, ``f = log q − R``, ``b_i`` the mean of the others."""
     log_z = _exact_log_z(ebm)
 
     def loss(params, step, carry):
         model = student.with_params(params)
-        tokens = _detached_draws(student, params, key, step, num_samples)
+        tokens = _detached_draws(student, params, key, step, num_samples, mesh)
         log_q = model.log_prob(tokens)
         f = jax.lax.stop_gradient(log_q) - ebm.unnormalized_log_prob(tokens)
         baseline = (jnp.sum(f) - f) / (num_samples - 1)
@@ -277,7 +292,7 @@ def _score_function(ebm, student, key, num_samples):
     return loss
 
 
-def _forward_kl(ebm, student, key, num_samples, proposal):
+def _forward_kl(ebm, student, key, num_samples, proposal, mesh):
     """Self-normalised importance sampling of ``−E_{p_R}[∇ log q]`` (DPG).
 
     ``proposal="frozen"``: the proposal is a copy of the student (``carry``) replaced by the
@@ -298,8 +313,9 @@ def _forward_kl(ebm, student, key, num_samples, proposal):
             behaviour = student.with_params(carry)
         else:
             behaviour = proposal
-        tokens, (steps,) = behaviour.sample_with_intermediates(
-            jax.random.fold_in(key, step), (num_samples,)
+        tokens, (steps,) = shard_batch(
+            behaviour.sample_with_intermediates(jax.random.fold_in(key, step), (num_samples,)),
+            mesh,
         )
         rewards = ebm.unnormalized_log_prob(tokens)
         log_w = rewards - steps.sum(-1)
@@ -331,13 +347,13 @@ def _forward_kl(ebm, student, key, num_samples, proposal):
     return loss, summarise, swap_when_better if proposal == "frozen" else None
 
 
-def _soft_bellman(ebm, student, key, num_samples):
+def _soft_bellman(ebm, student, key, num_samples, mesh):
     """Mean over student draws of ``Σ_t (q(s_t, y_t) − r_t − [t+1 active] V_q(s_{t+1}))²``."""
     space, joint, table = ebm.space, ebm.joint, ebm.reward_table()
 
     def loss(params, step, carry):
         model = student.with_params(params)
-        tokens = _detached_draws(student, params, key, step, num_samples)
+        tokens = _detached_draws(student, params, key, step, num_samples, mesh)
         logits = space.mask_logits(model.logits(tokens))  # [N, T, A]
         taken = jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
         active = space.active(tokens)

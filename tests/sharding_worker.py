@@ -1,5 +1,6 @@
-"""Run by tests/test_sharding.py in a subprocess with 4 forced host devices: the same IS, SMC
-and training runs on one device and over a 4-device mesh; prints the results as JSON.
+"""Run by tests/test_sharding.py in a subprocess with 4 forced host devices: the same IS, SMC,
+training and distillation runs on one device and over a 4-device mesh; prints the results as
+JSON.
 
 Not a test module itself (jax fixes its device count when it starts, and the suite's process
 has one device).
@@ -71,6 +72,20 @@ def main() -> dict:
             )  # fmt: skip
             runs.append((trained.params, history["loss"].tolist(), sorted(set(seen))))
         out[name] = {
+            "loss": [r[1] for r in runs],
+            "params_max_diff": float(jnp.max(jnp.abs(runs[0][0] - runs[1][0]))),
+            "layouts": [r[2] for r in runs],
+        }
+    for objective, kwargs in [("reverse_kl", {"estimator": "score_function"}), ("forward_kl", {})]:
+        runs = []
+        for m in (None, mesh):
+            seen.clear()
+            trained, history = sp.distill(
+                ebm, student, objective, steps=6, key=key, num_samples=256, evaluate=None,
+                log_every=2, progress=False, mesh=m, **kwargs,
+            )  # fmt: skip
+            runs.append((trained.params, history["loss"].tolist(), sorted(set(seen))))
+        out[f"distill_{objective}"] = {
             "loss": [r[1] for r in runs],
             "params_max_diff": float(jnp.max(jnp.abs(runs[0][0] - runs[1][0]))),
             "layouts": [r[2] for r in runs],

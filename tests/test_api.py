@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 import re
 import subprocess
@@ -90,6 +91,9 @@ def test_every_public_name_is_in_the_api_reference():
     assert not missing, f"add to docs/api.md: {missing}"
     stale = sorted(documented - set(sp.__all__))
     assert not stale, f"docs/api.md documents names seqppl does not export: {stale}"
+    for name, signature in re.findall(r"^### `sp\.(\w+)(\(.*\).*)`$", text, re.M):
+        current = str(inspect.signature(getattr(sp, name)))
+        assert signature == current, f"docs/api.md: sp.{name}{signature} is now {current}"
 
 
 def test_mkdocs_navigation_lists_every_page():

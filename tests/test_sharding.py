@@ -48,7 +48,9 @@ def test_importance_draws_are_split_over_the_devices(results):
     assert results["is_devices"] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("objective", ["fit_data", "fit_risk"])
+@pytest.mark.parametrize(
+    "objective", ["fit_data", "fit_risk", "distill_reverse_kl", "distill_forward_kl"]
+)
 def test_data_parallel_training_equals_the_single_device_run(results, objective):
     run = results[objective]
     np.testing.assert_allclose(run["loss"][1], run["loss"][0], rtol=1e-12)
