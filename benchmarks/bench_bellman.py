@@ -33,6 +33,19 @@ def timed(fn, *args, repeats: int = 5):
     return first, statistics.median(times), out
 
 
+def print_timing_table(what: str, who: str, rate: str, rows):
+    """A markdown table of ``timed`` results: rows ``(what, who, compile+first s, steady s[,
+    rate])``; a numeric rate prints as ``.3g``, a string as is, None or a missing one as ``-``."""
+    print(f"| {what} | {who} | compile+first (s) | steady (ms) | {rate} |")
+    print("|---|---|---|---|---|")
+    for first_column, second_column, compile_s, steady, *value in rows:
+        value = value[0] if value else None
+        shown = "-" if value is None else value if isinstance(value, str) else f"{value:.3g}"
+        print(
+            f"| {first_column} | {second_column} | {compile_s:.2f} | {steady * 1e3:.2f} | {shown} |"
+        )
+
+
 def plain_backward(delta, r, horizon):
     """The textbook scan in plain jnp: V_t = logsumexp(r + V_{t+1}[δ]) (fixed length, [S, A])."""
 
@@ -134,11 +147,7 @@ def main():
     tree_ratio = path_vs_tree(rows, args.repeats)
 
     print(f"jax {jax.__version__}, device {jax.devices()[0]}, float32\n")
-    print("| problem | routine | compile+first (s) | steady (ms) | cells/s |")
-    print("|---|---|---|---|---|")
-    for problem, label, compile_s, steady, rate in rows:
-        rate_s = f"{rate:.3g}" if rate else "-"
-        print(f"| {problem} | {label} | {compile_s:.2f} | {steady * 1e3:.2f} | {rate_s} |")
+    print_timing_table("problem", "routine", "cells/s", rows)
     print()
     print(f"markov:    seqppl / best plain time = {ours_m / plain_m:.2f} (<= 1.25 is within 80%)")
     print(f"automaton: seqppl / best plain time = {ours_a / plain_a:.2f}")

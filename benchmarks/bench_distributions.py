@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from bench_bellman import timed
+from bench_bellman import print_timing_table, timed
 from numpyro.contrib.control_flow import scan
 from numpyro.infer.util import log_density
 
@@ -147,11 +147,7 @@ def main():
     assert np.mean(np.all(lattice == plain, -1)) > 0.999
 
     print(f"jax {jax.__version__}, numpyro {numpyro.__version__}, device {jax.devices()[0]}\n")
-    print("| task | implementation | compile+first (s) | steady (ms) | sequences/s |")
-    print("|---|---|---|---|---|")
-    for task, name, compile_s, steady, *rate in rows:
-        rate_s = f"{rate[0]:.3g}" if rate else "-"
-        print(f"| {task} | {name} | {compile_s:.2f} | {steady * 1e3:.2f} | {rate_s} |")
+    print_timing_table("task", "implementation", "sequences/s", rows)
     print()
     print("\n".join(ratios))
 

@@ -16,7 +16,7 @@ import argparse
 
 import jax
 import numpy as np
-from bench_bellman import timed
+from bench_bellman import print_timing_table, timed
 from flax import nnx
 from seqppl.models.corpus import ALPHABET, encode, stdlib_docstrings, windows
 from seqppl.models.transformer import TransformerARM
@@ -77,10 +77,7 @@ def main():
             )
 
     print(f"jax {jax.__version__}, device {jax.devices()[0]}, float32\n")
-    print("| task | implementation | compile+first (s) | steady (ms) | tokens/s |")
-    print("|---|---|---|---|---|")
-    for task, name, compile_s, steady, rate in rows:
-        print(f"| {task} | {name} | {compile_s:.2f} | {steady * 1e3:.2f} | {rate:.3g} |")
+    print_timing_table("task", "implementation", "tokens/s", rows)
     print(f"\ncached / re-evaluated sampling throughput = {speedup:.1f}x (goal >= 5)")
 
 

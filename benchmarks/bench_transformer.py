@@ -19,7 +19,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_bellman import timed
+from bench_bellman import print_timing_table, timed
 from flax import nnx
 from seqppl.models.transformer import TransformerARM
 
@@ -75,10 +75,7 @@ def main():
     described = " ".join(f"{k}={v}" for k, v in sizes.items())
     print(f"jax {jax.__version__}, device {jax.devices()[0]}; {described}\n")
     print(f"limit: bf16 matmul [{square}, {square}]², {limit:.3g} FLOP/s\n")
-    print("| task | matmuls | compile+first (s) | steady (ms) | rate |")
-    print("|---|---|---|---|---|")
-    for task, name, first, steady, rate in rows:
-        print(f"| {task} | {name} | {first:.2f} | {steady * 1e3:.2f} | {rate} |")
+    print_timing_table("task", "matmuls", "rate", rows)
     print(f"\nmax |log_prob(bf16) − log_prob(float32)| = {difference:.3g} (|log p| ≤ {scale:.3g})")
 
 

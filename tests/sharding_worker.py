@@ -62,30 +62,26 @@ def main() -> dict:
 
     table = jnp.zeros((space.num_actions + 1, space.num_actions))
     student = sp.ARM(logits_fn, space, params=table)
-    for name, kwargs in [("fit_data", {"data": data}), ("fit_risk", {"target": _target(space)})]:
+    fit = {"steps": 12, "key": key, "batch_size": 64, "log_every": 4, "progress": False}
+    distill = {"steps": 6, "key": key, "num_samples": 256, "evaluate": None, "log_every": 2,
+               "progress": False}  # fmt: skip
+    trainings = {  # each a function of the mesh (None: one device)
+        "fit_data": lambda m: train.fit(student, data=data, mesh=m, **fit),
+        "fit_risk": lambda m: train.fit(student, target=_target(space), mesh=m, **fit),
+        "distill_reverse_kl": lambda m: sp.distill(
+            ebm, student, "reverse_kl", estimator="score_function", mesh=m, **distill
+        ),
+        "distill_forward_kl": lambda m: sp.distill(
+            ebm, student, "forward_kl", mesh=m, **distill
+        ),
+    }  # fmt: skip
+    for name, run in trainings.items():
         runs = []
         for m in (None, mesh):
             seen.clear()
-            trained, history = train.fit(
-                student, steps=12, key=key, batch_size=64, log_every=4, progress=False,
-                mesh=m, **kwargs,
-            )  # fmt: skip
+            trained, history = run(m)
             runs.append((trained.params, history["loss"].tolist(), sorted(set(seen))))
         out[name] = {
-            "loss": [r[1] for r in runs],
-            "params_max_diff": float(jnp.max(jnp.abs(runs[0][0] - runs[1][0]))),
-            "layouts": [r[2] for r in runs],
-        }
-    for objective, kwargs in [("reverse_kl", {"estimator": "score_function"}), ("forward_kl", {})]:
-        runs = []
-        for m in (None, mesh):
-            seen.clear()
-            trained, history = sp.distill(
-                ebm, student, objective, steps=6, key=key, num_samples=256, evaluate=None,
-                log_every=2, progress=False, mesh=m, **kwargs,
-            )  # fmt: skip
-            runs.append((trained.params, history["loss"].tolist(), sorted(set(seen))))
-        out[f"distill_{objective}"] = {
             "loss": [r[1] for r in runs],
             "params_max_diff": float(jnp.max(jnp.abs(runs[0][0] - runs[1][0]))),
             "layouts": [r[2] for r in runs],
