@@ -39,6 +39,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = _positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqppl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     logz.add_argument("--num-samples", type=_positive_int, default=100_000)
     logz.add_argument("--seed", type=_nonnegative_int, default=0)
-    from seqppl.models.paper import CONFIGS, TARGETS
+    from seqppl.models.paper import ADAM_B2, CONFIGS, TARGETS
 
     reproduce = sub.add_parser(
         "reproduce",
@@ -84,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--target", choices=TARGETS, default="zipf")
     reproduce.add_argument("--steps", type=_positive_int, default=5000)
     reproduce.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate")
+    reproduce.add_argument(
+        "--adam-b2",
+        type=_unit_interval,
+        default=ADAM_B2,
+        help="Adam's second-moment decay β₂ for both models (the paper does not state it)",
+    )
     reproduce.add_argument("--seed", type=_nonnegative_int, default=0)
     reproduce.add_argument("--log-every", type=_positive_int, default=50)
     reproduce.add_argument(
@@ -141,6 +154,7 @@ def _reproduce(parser, args) -> int:
         out,
         args.log_every,
         zipf_order=args.zipf_order,
+        adam_b2=args.adam_b2,
     )
     print((out / "summary.md").read_text())
     print(f"metrics: {out / 'metrics.csv'}  plots: {out / 'panels.png'}")

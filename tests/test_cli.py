@@ -94,21 +94,22 @@ def test_reproduce_passes_its_arguments_and_prints_the_summary(tmp_path, capsys)
     examples/paper_reproduction.py; here the command line's wiring, in-process."""
     calls = []
 
-    def fake_reproduce(config, target, steps, lr, seed, out, log_every, zipf_order):
-        calls.append((config, target, steps, lr, seed, out, log_every, zipf_order))
+    def fake_reproduce(config, target, steps, lr, seed, out, log_every, zipf_order, adam_b2):
+        calls.append((config, target, steps, lr, seed, out, log_every, zipf_order, adam_b2))
         (out / "summary.md").write_text("kl ≤ bound at every logged step: True\n")
         return {"step": np.arange(3)}
 
     with mock.patch("seqppl.models.paper.reproduce", fake_reproduce):
         argv = ["reproduce", "--config", "v4t8-n3", "--target", "normal", "--steps", "7"]
         argv += ["--lr", "0.5", "--seed", "3", "--log-every", "2", "--out", str(tmp_path)]
-        assert main([*argv, "--zipf-order", "lexicographic"]) == 0
-    assert calls == [("v4t8-n3", "normal", 7, 0.5, 3, tmp_path, 2, "lexicographic")]
+        assert main([*argv, "--zipf-order", "lexicographic", "--adam-b2", "0.99"]) == 0
+    assert calls == [("v4t8-n3", "normal", 7, 0.5, 3, tmp_path, 2, "lexicographic", 0.99)]
     assert "kl ≤ bound at every logged step: True" in capsys.readouterr().out
 
 
 def test_reproduce_bad_arguments(capsys):
-    for args in (["--steps", "-1"], ["--config", "nope"], ["--out", "/proc/nope"], ["--lr", "0"]):
+    bad = (["--steps", "-1"], ["--config", "nope"], ["--out", "/proc/nope"], ["--lr", "0"])
+    for args in (*bad, ["--adam-b2", "1"], ["--adam-b2", "0"]):
         with pytest.raises(SystemExit) as exit_:
             main(["reproduce", *args])
         assert exit_.value.code == 2, args

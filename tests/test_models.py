@@ -171,3 +171,16 @@ def test_paper_targets():
     np.testing.assert_allclose(np.sort(random_order)[::-1], lexicographic, rtol=1e-6)
     with pytest.raises(ValueError, match="zipf_order"):
         paper_target(space, "zipf", zipf_order="sorted")
+
+
+def test_reproduce_refuses_bad_arguments():
+    from seqppl.models.paper import reproduce
+
+    for kwargs, name in (
+        ({"config": "v9"}, "config"),
+        ({"target": "cauchy"}, "target"),
+        ({"adam_b2": 1.0}, "adam_b2"),
+        ({"adam_b2": 0.0}, "adam_b2"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            reproduce(**kwargs, progress=False)
