@@ -121,7 +121,7 @@ def reproduce(
     Both models use Adam with second-moment decay ``adam_b2`` on the paper's trapezoid schedule
     (100 warm-up steps, constant ``lr``, 100 decay steps). The paper does not state β₂; with
     optax's 0.999, full-batch Adam at lr 1e-2 spikes and v8t4-n2 Zipf ends with after-map
-    0.07–0.14 (three seeds), with 0.95 at 0.016–0.018 (docs/reproduction.md).
+    0.07–0.14 over three seeds, with 0.95 at 0.016–0.023 (docs/reproduction.md).
 
     With ``out``, writes ``out/metrics.csv``, ``out/panels.png`` and ``out/summary.md``.
 
