@@ -15,6 +15,7 @@ step k, compares its logits ``q_k`` with ``R*``:
 from __future__ import annotations
 
 import csv
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ def reproduce(
     progress: bool = True,
     zipf_order: str = "random",
     adam_b2: float = ADAM_B2,
+    checkpoint_every: int = 500,
 ) -> dict:
     """Run one configuration/target pair; returns the metrics as a dict of arrays ``METRICS``.
 
@@ -123,19 +125,40 @@ def reproduce(
     optax's 0.999, full-batch Adam at lr 1e-2 spikes and v8t4-n2 Zipf ends with after-map
     0.07–0.14 over three seeds, with 0.95 at 0.016–0.023 (docs/reproduction.md).
 
-    With ``out``, writes ``out/metrics.csv``, ``out/panels.png`` and ``out/summary.md``.
+    With ``out``, writes ``out/metrics.csv``, ``out/panels.png`` and ``out/summary.md``, and
+    checkpoints both trainings every ``checkpoint_every`` steps under ``out/checkpoints`` (kept
+    at the end): the same call again resumes an interrupted run where it stopped (Ctrl-C
+    included), or rewrites a finished run's files without training.
 
     Raises:
-        ValueError: an unknown config or target, ``steps < 1`` or ``adam_b2`` outside (0, 1).
+        ValueError: an unknown config or target, ``steps < 1``, ``adam_b2`` outside (0, 1), or
+            ``out/checkpoints`` holding a run with other settings.
     """
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {config!r}")
     if not 0.0 < adam_b2 < 1.0:
         raise ValueError(f"adam_b2 must be in (0, 1), got {adam_b2!r}")
+    train.check_counts(
+        ("steps", steps, 1), ("log_every", log_every, 1), ("checkpoint_every", checkpoint_every, 1)
+    )
     cfg = CONFIGS[config]
     started = time.perf_counter()
+    settings = {
+        "config": config,
+        "target": target,
+        "zipf_order": zipf_order,
+        "steps": steps,
+        "lr": lr,
+        "adam_b2": adam_b2,
+        "seed": seed,
+        "log_every": log_every,
+    }
     space = sp.SequenceSpace(cfg.vocab_size, cfg.length, eos=False)
     log_rho = paper_target(space, target, seed, zipf_order)
+    checkpoints = None if out is None else _checkpoint_folder(Path(out), settings)
+    resumed = checkpoints is not None and any(
+        (checkpoints / model / train.CHECKPOINT_NAME).exists() for model in ("ebm", "arm")
+    )
     entropy = float(-(jnp.exp(log_rho) * log_rho).sum())
     sizes = (cfg.layers, cfg.heads, cfg.dim, cfg.mlp_dim)
     key = jax.random.key(seed)
@@ -147,6 +170,8 @@ def reproduce(
         key=key,
         optimizer=optax.adam(train.trapezoid_schedule(lr, steps), b2=adam_b2),
         log_every=log_every,
+        checkpoint_dir=None if checkpoints is None else checkpoints / "ebm",
+        checkpoint_every=checkpoint_every,
         progress=progress,
     )
     seqs = jnp.asarray(space.enumerate())
@@ -161,6 +186,8 @@ def reproduce(
         key=key,
         optimizer=optax.adam(train.trapezoid_schedule(lr, steps), b2=adam_b2),
         log_every=log_every,
+        checkpoint_dir=None if checkpoints is None else checkpoints / "arm",
+        checkpoint_every=checkpoint_every,
         metrics=metrics,
         progress=progress,
     )
@@ -175,9 +202,29 @@ def reproduce(
             "wall": time.perf_counter() - started,
             "ebm": float(ebm_history["seconds"][-1]),
             "arm": float(arm_history["seconds"][-1]),
+            "resumed": resumed,
         }
         _write(Path(out), result, config, target, steps, lr, adam_b2, seed, timing)
     return result
+
+
+def _checkpoint_folder(out: Path, settings: dict) -> Path:
+    """``out/checkpoints``, holding ``run.json`` with the run's settings: a folder with other
+    settings is refused rather than resumed."""
+    folder = out / "checkpoints"
+    run_file = folder / "run.json"
+    if run_file.exists():
+        saved = json.loads(run_file.read_text())
+        if saved != settings:
+            changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+            raise ValueError(
+                f"out={str(out)!r} holds checkpoints of a run with other settings "
+                f"(saved, now: {changed}); give another out or delete {folder}"
+            )
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(settings, indent=1))
+    return folder
 
 
 def _write(out: Path, result, config, target, steps, lr, adam_b2, seed, timing):
@@ -220,8 +267,13 @@ def _write(out: Path, result, config, target, steps, lr, adam_b2, seed, timing):
         f"kl ≤ bound at every logged step: {kl_ok}; "
         f"after-map / before-map at the end: {final['after_map'] / final['before_map']:.3g}",
         "",
-        f"wall time {timing['wall']:.0f} s (EBM training {timing['ebm']:.0f} s, ARM training "
-        f"with the metrics {timing['arm']:.0f} s) on {jax.devices()[0].device_kind}, "
-        f"jax {jax.__version__}",
+        (
+            f"wall time of this call {timing['wall']:.0f} s, resumed from {out / 'checkpoints'}"
+            " (the time before the interruption is not counted)"
+            if timing["resumed"]
+            else f"wall time {timing['wall']:.0f} s (EBM training {timing['ebm']:.0f} s, ARM "
+            f"training with the metrics {timing['arm']:.0f} s)"
+        )
+        + f" on {jax.devices()[0].device_kind}, jax {jax.__version__}",
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

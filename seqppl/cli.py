@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the paper's exact-risk experiments: teacher-forced ARM vs normalised EBM",
         description="Trains the Transformer EBM on the exact risk over every sequence, keeps its "
         "reward R*, trains the Transformer ARM and compares its logits with M(R*) at each logged "
-        "step (THEORY §5). Writes OUT/metrics.csv, OUT/panels.png and OUT/summary.md.",
+        "step (THEORY §5). Writes OUT/metrics.csv, OUT/panels.png and OUT/summary.md; both "
+        "trainings are checkpointed in OUT/checkpoints, so the same command again resumes an "
+        "interrupted run.",
     )
     reproduce.add_argument("--config", choices=sorted(CONFIGS), default="v8t4-n2")
     reproduce.add_argument("--target", choices=TARGETS, default="zipf")
@@ -145,17 +147,23 @@ def _reproduce(parser, args) -> int:
     from seqppl.models.paper import reproduce
 
     out = _writable(parser, args.out)
-    result = reproduce(
-        args.config,
-        args.target,
-        args.steps,
-        args.lr,
-        args.seed,
-        out,
-        args.log_every,
-        zipf_order=args.zipf_order,
-        adam_b2=args.adam_b2,
-    )
+    try:
+        result = reproduce(
+            args.config,
+            args.target,
+            args.steps,
+            args.lr,
+            args.seed,
+            out,
+            args.log_every,
+            zipf_order=args.zipf_order,
+            adam_b2=args.adam_b2,
+        )
+    except ValueError as error:  # OUT/checkpoints from other settings, or corrupted
+        parser.error(str(error))
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command again to resume from {out / 'checkpoints'}")
+        return 130
     print((out / "summary.md").read_text())
     print(f"metrics: {out / 'metrics.csv'}  plots: {out / 'panels.png'}")
     return 0 if result["step"].size else 1

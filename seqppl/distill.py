@@ -36,6 +36,7 @@ from seqppl.space import MAX_ENUMERATE
 from seqppl.train import (
     _fingerprint,
     _in_chunks,
+    check_counts,
     exact_risk,
     optimise,
     trapezoid_schedule,
@@ -133,16 +134,14 @@ def distill(
         raise ValueError("student has no params to train (from_table, params= or from_nnx)")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    for name, value, least in [
+    check_counts(
         ("steps", steps, 1),
         ("num_samples", num_samples, 2),
         ("log_every", log_every, 1),
         ("checkpoint_every", checkpoint_every, 1),
         ("eval_samples", eval_samples, 2),
         ("patience", patience, 1),
-    ]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    )
     if not (isinstance(max_khat, (int, float)) and max_khat > 0):
         raise ValueError(f"max_khat must be a number > 0, got {max_khat!r}")
     if not (isinstance(min_ess_fraction, (int, float)) and 0 <= min_ess_fraction < 1):

@@ -47,6 +47,14 @@ RISK_CHUNK = 4096
 """Sequences scored at once by ``exact_risk``."""
 
 
+def check_counts(*counts: tuple[str, object, int]) -> None:
+    """Each ``(name, value, least)``: ``value`` must be an int ≥ ``least`` (not a bool), else a
+    ``ValueError`` naming the argument."""
+    for name, value, least in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
 def trapezoid_schedule(peak: float, steps: int, warmup: int = 100, decay: int = 100):
     """The paper's learning rate: linear warm-up to ``peak``, constant, linear decay to 0.
 
@@ -186,14 +194,12 @@ def fit(
         raise TypeError(f"dist must be an ARM or an EBM, got {type(dist).__name__}")
     if (data is None) == (target is None):
         raise ValueError("give exactly one of data= (observed sequences) or target= (log ρ)")
-    for name, value in [
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("log_every", log_every),
-        ("checkpoint_every", checkpoint_every),
-    ]:
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_counts(
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("log_every", log_every, 1),
+        ("checkpoint_every", checkpoint_every, 1),
+    )
     if dist.params is None:
         raise ValueError("dist has no params to train (give params= or use from_table/from_nnx)")
     if target is None:

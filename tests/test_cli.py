@@ -107,6 +107,26 @@ def test_reproduce_passes_its_arguments_and_prints_the_summary(tmp_path, capsys)
     assert "kl ≤ bound at every logged step: True" in capsys.readouterr().out
 
 
+def test_reproduce_reports_checkpoint_errors_and_interruptions(tmp_path, capsys):
+    """Checkpoints of other settings under OUT: one usage line (exit 2); Ctrl-C: how to resume
+    (exit 130). The resuming itself is tested on `reproduce` (test_models.py)."""
+
+    def refuse(*args, **kwargs):
+        raise ValueError("out='x' holds checkpoints of a run with other settings")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    argv = ["reproduce", "--out", str(tmp_path)]
+    with mock.patch("seqppl.models.paper.reproduce", refuse), pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "other settings" in capsys.readouterr().err.strip().splitlines()[-1]
+    with mock.patch("seqppl.models.paper.reproduce", interrupt):
+        assert main(argv) == 130
+    assert f"resume from {tmp_path / 'checkpoints'}" in capsys.readouterr().out
+
+
 def test_reproduce_bad_arguments(capsys):
     bad = (["--steps", "-1"], ["--config", "nope"], ["--out", "/proc/nope"], ["--lr", "0"])
     for args in (*bad, ["--adam-b2", "1"], ["--adam-b2", "0"]):

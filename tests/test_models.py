@@ -181,6 +181,50 @@ def test_reproduce_refuses_bad_arguments():
         ({"target": "cauchy"}, "target"),
         ({"adam_b2": 1.0}, "adam_b2"),
         ({"adam_b2": 0.0}, "adam_b2"),
+        ({"steps": 0}, "steps"),
+        ({"checkpoint_every": 2.5}, "checkpoint_every"),
     ):
         with pytest.raises(ValueError, match=name):
             reproduce(**kwargs, progress=False)
+
+
+def test_reproduce_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    """Ctrl-C during the ARM's training, then the same call: the metrics of a straight run;
+    a finished run is rewritten without training; other settings in the same out refused."""
+    from seqppl.models import paper
+
+    kwargs = {
+        "steps": 6,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "zipf_order": "lexicographic",
+        "progress": False,
+    }
+    straight = paper.reproduce(**kwargs)
+    real_metrics = paper._distance_metrics
+
+    def interrupted_at_step_3(*args):
+        metrics, calls = real_metrics(*args), []
+
+        def metrics_or_interrupt(arm):
+            calls.append(arm)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return metrics(arm)
+
+        return metrics_or_interrupt
+
+    monkeypatch.setattr(paper, "_distance_metrics", interrupted_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        paper.reproduce(**kwargs, out=tmp_path)
+    monkeypatch.setattr(paper, "_distance_metrics", real_metrics)
+    assert not (tmp_path / "metrics.csv").exists()
+    for model in ("ebm", "arm"):
+        assert (tmp_path / "checkpoints" / model / "checkpoint.pkl").exists()
+    for _ in range(2):  # resumed, then finished
+        resumed = paper.reproduce(**kwargs, out=tmp_path)
+        for name in paper.METRICS:
+            np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
+        assert "resumed from" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(ValueError, match=r"other settings .*'lr': \(0.01, 0.5\)"):
+        paper.reproduce(**{**kwargs, "lr": 0.5}, out=tmp_path)
