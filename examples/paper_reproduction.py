@@ -22,7 +22,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 steps instead of 1,000")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write metrics.csv, panels.png, summary.md here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write metrics.csv, panels.png, summary.md here (and checkpoints: a second run "
+        "with the same options resumes; use a new folder for other options)",
+    )
     args = parser.parse_args(argv)
     steps = 60 if args.quick else 1000
     metrics = reproduce(

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -122,20 +124,26 @@ def reproduce(
 
     Both models use Adam with second-moment decay ``adam_b2`` on the paper's trapezoid schedule
     (100 warm-up steps, constant ``lr``, 100 decay steps). The paper does not state β₂; with
-    optax's 0.999, full-batch Adam at lr 1e-2 spikes and v8t4-n2 Zipf ends with after-map
-    0.07–0.14 over three seeds, with 0.95 at 0.016–0.023 (docs/reproduction.md).
+    optax's 0.999, full-batch Adam at lr 1e-2 spikes and v8t4-n2 Zipf with lexicographic ranks
+    (``zipf_order="lexicographic"``) ends with after-map 0.07–0.14 over three seeds, with 0.95
+    at 0.016–0.023 (docs/reproduction.md).
 
     With ``out``, writes ``out/metrics.csv``, ``out/panels.png`` and ``out/summary.md``, and
     checkpoints both trainings every ``checkpoint_every`` steps under ``out/checkpoints`` (kept
-    at the end): the same call again resumes an interrupted run where it stopped (Ctrl-C
-    included), or rewrites a finished run's files without training.
+    at the end, with ``run.json``, the settings): the same call again resumes an interrupted
+    run (Ctrl-C writes a checkpoint at once; bit-identical on CPU), or rewrites a finished
+    run's files without training.
 
     Raises:
-        ValueError: an unknown config or target, ``steps < 1``, ``adam_b2`` outside (0, 1), or
-            ``out/checkpoints`` holding a run with other settings.
+        ValueError: an unknown config, target or zipf_order, ``steps``, ``log_every`` or
+            ``checkpoint_every`` not an int ≥ 1, ``lr ≤ 0``, ``adam_b2`` outside (0, 1).
+        seqppl.train.CheckpointError: ``out/checkpoints`` holds checkpoints of a run with other
+            settings, or a corrupted one.
     """
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {config!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
     if not 0.0 < adam_b2 < 1.0:
         raise ValueError(f"adam_b2 must be in (0, 1), got {adam_b2!r}")
     train.check_counts(
@@ -148,49 +156,42 @@ def reproduce(
         "target": target,
         "zipf_order": zipf_order,
         "steps": steps,
-        "lr": lr,
-        "adam_b2": adam_b2,
-        "seed": seed,
+        "lr": float(lr),
+        "adam_b2": float(adam_b2),
+        "seed": int(seed),
         "log_every": log_every,
     }
     space = sp.SequenceSpace(cfg.vocab_size, cfg.length, eos=False)
     log_rho = paper_target(space, target, seed, zipf_order)
-    checkpoints = None if out is None else _checkpoint_folder(Path(out), settings)
-    resumed = checkpoints is not None and any(
-        (checkpoints / model / train.CHECKPOINT_NAME).exists() for model in ("ebm", "arm")
-    )
+    checkpoints, resumed = (None, False) if out is None else _checkpoint_folder(Path(out), settings)
     entropy = float(-(jnp.exp(log_rho) * log_rho).sum())
     sizes = (cfg.layers, cfg.heads, cfg.dim, cfg.mlp_dim)
     key = jax.random.key(seed)
+    optimizer = optax.adam(train.trapezoid_schedule(lr, steps), b2=adam_b2)
+
+    def fit(dist, name, metrics=None):
+        folder = None if checkpoints is None else checkpoints / name
+        return sp.fit(
+            dist,
+            target=log_rho,
+            steps=steps,
+            key=key,
+            optimizer=optimizer,
+            log_every=log_every,
+            checkpoint_dir=folder,
+            checkpoint_every=checkpoint_every,
+            metrics=metrics,
+            progress=progress,
+        )
+
     ebm_module = TransformerEBM(space.num_actions, space.horizon + 1, *sizes, rngs=nnx.Rngs(seed))
-    ebm, ebm_history = sp.fit(
-        sp.EBM.from_nnx(ebm_module, space),
-        target=log_rho,
-        steps=steps,
-        key=key,
-        optimizer=optax.adam(train.trapezoid_schedule(lr, steps), b2=adam_b2),
-        log_every=log_every,
-        checkpoint_dir=None if checkpoints is None else checkpoints / "ebm",
-        checkpoint_every=checkpoint_every,
-        progress=progress,
-    )
+    ebm, ebm_history = fit(sp.EBM.from_nnx(ebm_module, space), "ebm")
     seqs = jnp.asarray(space.enumerate())
     r_star = ebm.unnormalized_log_prob(seqs)
     tree_arm = sp.to_arm(ebm)  # M on the prefix tree with R* on each sequence's last decision
     metrics = _distance_metrics(space, tree_arm.lattice, log_rho, tree_arm.params, r_star)
     arm_module = TransformerARM(space.num_actions, space.horizon, *sizes, rngs=nnx.Rngs(seed + 1))
-    _, arm_history = sp.fit(
-        sp.ARM.from_nnx(arm_module, space),
-        target=log_rho,
-        steps=steps,
-        key=key,
-        optimizer=optax.adam(train.trapezoid_schedule(lr, steps), b2=adam_b2),
-        log_every=log_every,
-        checkpoint_dir=None if checkpoints is None else checkpoints / "arm",
-        checkpoint_every=checkpoint_every,
-        metrics=metrics,
-        progress=progress,
-    )
+    _, arm_history = fit(sp.ARM.from_nnx(arm_module, space), "arm", metrics)
     result = {
         "step": arm_history["step"],
         "arm_gap": arm_history["loss"] - entropy,
@@ -198,36 +199,61 @@ def reproduce(
         **{name: arm_history[name] for name in ("before_map", "after_map", "kl", "bound")},
     }
     if out is not None:
-        timing = {
-            "wall": time.perf_counter() - started,
-            "ebm": float(ebm_history["seconds"][-1]),
-            "arm": float(arm_history["seconds"][-1]),
-            "resumed": resumed,
-        }
-        _write(Path(out), result, config, target, steps, lr, adam_b2, seed, timing)
+        timing_file = checkpoints / "timing.json"
+        if timing_file.exists():  # a finished run, rewritten
+            timing = _read_json(timing_file)
+        else:
+            timing = {
+                "wall": time.perf_counter() - started,
+                "ebm": float(ebm_history["seconds"][-1]),
+                "arm": float(arm_history["seconds"][-1]),
+                "resumed": resumed,
+            }
+            _write_json(timing_file, timing)
+        _write(Path(out), result, settings, timing)
     return result
 
 
-def _checkpoint_folder(out: Path, settings: dict) -> Path:
-    """``out/checkpoints``, holding ``run.json`` with the run's settings: a folder with other
-    settings is refused rather than resumed."""
+def _checkpoint_folder(out: Path, settings: dict) -> tuple[Path, bool]:
+    """``(out/checkpoints, whether it holds checkpoints to resume)``; ``run.json`` there holds
+    the settings of the run whose checkpoints they are, and other settings are refused."""
     folder = out / "checkpoints"
     run_file = folder / "run.json"
-    if run_file.exists():
-        saved = json.loads(run_file.read_text())
-        if saved != settings:
-            changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-            raise ValueError(
+    resumable = any((folder / model / train.CHECKPOINT_NAME).exists() for model in ("ebm", "arm"))
+    if resumable and run_file.exists():
+        saved = _read_json(run_file)
+        changed = {
+            name: (saved.get(name), settings.get(name))
+            for name in saved.keys() | settings.keys()
+            if saved.get(name) != settings.get(name)
+        }
+        if changed:
+            raise train.CheckpointError(
                 f"out={str(out)!r} holds checkpoints of a run with other settings "
-                f"(saved, now: {changed}); give another out or delete {folder}"
+                f"({{setting: (saved, now)}} = {changed}); use another out or delete {folder}"
             )
-    else:
+    else:  # nothing to resume: this run's settings
         folder.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(settings, indent=1))
-    return folder
+        (folder / "timing.json").unlink(missing_ok=True)
+        _write_json(run_file, settings)
+    return folder, resumable
 
 
-def _write(out: Path, result, config, target, steps, lr, adam_b2, seed, timing):
+def _write_json(path: Path, value: dict) -> None:
+    """Atomic: a temporary file renamed over ``path``."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise train.CheckpointError(f"{path} is not valid JSON ({error}); delete it") from None
+
+
+def _write(out: Path, result, settings, timing):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,17 +274,21 @@ def _write(out: Path, result, config, target, steps, lr, adam_b2, seed, timing):
     right.set(xlabel="step", title="ARM logits vs M(R*)")
     for ax in (left, right):
         ax.legend()
-    fig.suptitle(f"{config}, {target} target, {steps} steps, lr {lr}, β₂ {adam_b2}, seed {seed}")
+    run = SimpleNamespace(**settings)
+    fig.suptitle(
+        f"{run.config}, {run.target} target, {run.steps} steps, lr {run.lr}, β₂ {run.adam_b2}, "
+        f"seed {run.seed}"
+    )
     fig.tight_layout()
     fig.savefig(out / "panels.png", dpi=120)
     plt.close(fig)
     final = {name: float(result[name][-1]) for name in METRICS[1:]}
     kl_ok = bool(np.all(result["kl"] <= result["bound"] + 1e-6))
     lines = [
-        f"# Reproduction: {config}, {target} target",
+        f"# Reproduction: {run.config}, {run.target} target",
         "",
-        f"{steps} steps, Adam (β₂ = {adam_b2}) with the trapezoid schedule at lr {lr}, "
-        f"seed {seed}.",
+        f"{run.steps} steps, Adam (β₂ = {run.adam_b2}) with the trapezoid schedule at lr "
+        f"{run.lr}, seed {run.seed}.",
         "",
         "| metric | final value |",
         "|---|---|",
@@ -268,8 +298,8 @@ def _write(out: Path, result, config, target, steps, lr, adam_b2, seed, timing):
         f"after-map / before-map at the end: {final['after_map'] / final['before_map']:.3g}",
         "",
         (
-            f"wall time of this call {timing['wall']:.0f} s, resumed from {out / 'checkpoints'}"
-            " (the time before the interruption is not counted)"
+            f"wall time of the last call {timing['wall']:.0f} s, resumed from "
+            f"{out / 'checkpoints'} (the time before the interruption is not counted)"
             if timing["resumed"]
             else f"wall time {timing['wall']:.0f} s (EBM training {timing['ebm']:.0f} s, ARM "
             f"training with the metrics {timing['arm']:.0f} s)"

@@ -145,6 +145,7 @@ def _writable(parser, folder):
 
 def _reproduce(parser, args) -> int:
     from seqppl.models.paper import reproduce
+    from seqppl.train import CheckpointError
 
     out = _writable(parser, args.out)
     try:
@@ -159,10 +160,13 @@ def _reproduce(parser, args) -> int:
             zipf_order=args.zipf_order,
             adam_b2=args.adam_b2,
         )
-    except ValueError as error:  # OUT/checkpoints from other settings, or corrupted
+    except CheckpointError as error:  # OUT/checkpoints from other settings, or corrupted
         parser.error(str(error))
     except KeyboardInterrupt:
-        print(f"interrupted: run the same command again to resume from {out / 'checkpoints'}")
+        print(
+            f"interrupted: run the same command again to resume from {out / 'checkpoints'}",
+            file=sys.stderr,
+        )
         return 130
     print((out / "summary.md").read_text())
     print(f"metrics: {out / 'metrics.csv'}  plots: {out / 'panels.png'}")

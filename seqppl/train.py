@@ -40,11 +40,16 @@ __all__ = [
     "exact_risk",
     "prefix_weights",
     "CHECKPOINT_NAME",
+    "CheckpointError",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pkl"
 RISK_CHUNK = 4096
 """Sequences scored at once by ``exact_risk``."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: corrupted, truncated or from another run."""
 
 
 def check_counts(*counts: tuple[str, object, int]) -> None:
@@ -188,7 +193,8 @@ def fit(
         metric.
 
     Raises:
-        ValueError: bad arguments, or a checkpoint that is corrupted, truncated or from another run.
+        ValueError: bad arguments; ``CheckpointError`` (a ValueError) for a checkpoint that is
+            corrupted, truncated or from another run.
     """
     if not isinstance(dist, (ARM, EBM)):
         raise TypeError(f"dist must be an ARM or an EBM, got {type(dist).__name__}")
@@ -366,8 +372,7 @@ def _log_partition_fn(dist, method, proposal, num_samples, key, mesh=None):
         raise ValueError(f"log_partition must be 'exact' or 'is', got {method!r}")
     if not isinstance(proposal, ARM) or proposal.space != dist.space:
         raise ValueError("log_partition='is' needs proposal=an ARM over the same space")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    check_counts(("num_samples", num_samples, 1))
 
     def log_z(model, step):
         draw_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
@@ -442,13 +447,13 @@ def _load(path: Path, fingerprint: str):
     blob = path.read_bytes()
     digest, _, payload = blob.partition(b"\n")
     if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} is corrupted or truncated (checksum mismatch); the previous one "
             f"is {path.with_suffix('.prev')}: move it to {path.name} to resume from it"
         )
     state = pickle.loads(payload)
     if state["fingerprint"] != fingerprint:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} belongs to another run (model, space, steps or data differ); "
             "use another checkpoint_dir"
         )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from seqppl.cli import main
+from seqppl.train import CheckpointError
 
 
 def _run(*args):
@@ -112,7 +113,7 @@ def test_reproduce_reports_checkpoint_errors_and_interruptions(tmp_path, capsys)
     (exit 130). The resuming itself is tested on `reproduce` (test_models.py)."""
 
     def refuse(*args, **kwargs):
-        raise ValueError("out='x' holds checkpoints of a run with other settings")
+        raise CheckpointError("out='x' holds checkpoints of a run with other settings")
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -124,7 +125,7 @@ def test_reproduce_reports_checkpoint_errors_and_interruptions(tmp_path, capsys)
     assert "other settings" in capsys.readouterr().err.strip().splitlines()[-1]
     with mock.patch("seqppl.models.paper.reproduce", interrupt):
         assert main(argv) == 130
-    assert f"resume from {tmp_path / 'checkpoints'}" in capsys.readouterr().out
+    assert f"resume from {tmp_path / 'checkpoints'}" in capsys.readouterr().err
 
 
 def test_reproduce_bad_arguments(capsys):

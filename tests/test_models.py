@@ -181,6 +181,7 @@ def test_reproduce_refuses_bad_arguments():
         ({"target": "cauchy"}, "target"),
         ({"adam_b2": 1.0}, "adam_b2"),
         ({"adam_b2": 0.0}, "adam_b2"),
+        ({"lr": 0.0}, "lr"),
         ({"steps": 0}, "steps"),
         ({"checkpoint_every": 2.5}, "checkpoint_every"),
     ):
@@ -189,9 +190,12 @@ def test_reproduce_refuses_bad_arguments():
 
 
 def test_reproduce_resumes_an_interrupted_run(tmp_path, monkeypatch):
-    """Ctrl-C during the ARM's training, then the same call: the metrics of a straight run;
-    a finished run is rewritten without training; other settings in the same out refused."""
+    """Ctrl-C during the ARM's training, then the same call: only the remaining steps run and
+    the metrics equal a straight run's; run again, a finished run is rewritten without
+    training; other settings in the same out are refused."""
     from seqppl.models import paper
+
+    from seqppl.train import CheckpointError
 
     kwargs = {
         "steps": 6,
@@ -202,29 +206,32 @@ def test_reproduce_resumes_an_interrupted_run(tmp_path, monkeypatch):
     }
     straight = paper.reproduce(**kwargs)
     real_metrics = paper._distance_metrics
+    calls, interrupt_at = [], [4]
 
-    def interrupted_at_step_3(*args):
-        metrics, calls = real_metrics(*args), []
+    def counted(*args):
+        metrics = real_metrics(*args)
 
         def metrics_or_interrupt(arm):
             calls.append(arm)
-            if len(calls) == 4:
+            if len(calls) == interrupt_at[0]:
                 raise KeyboardInterrupt
             return metrics(arm)
 
         return metrics_or_interrupt
 
-    monkeypatch.setattr(paper, "_distance_metrics", interrupted_at_step_3)
+    monkeypatch.setattr(paper, "_distance_metrics", counted)
     with pytest.raises(KeyboardInterrupt):
         paper.reproduce(**kwargs, out=tmp_path)
-    monkeypatch.setattr(paper, "_distance_metrics", real_metrics)
     assert not (tmp_path / "metrics.csv").exists()
     for model in ("ebm", "arm"):
         assert (tmp_path / "checkpoints" / model / "checkpoint.pkl").exists()
-    for _ in range(2):  # resumed, then finished
+    interrupt_at[0] = None
+    for metric_calls in (3, 0):  # resumed at step 3, then finished
+        calls.clear()
         resumed = paper.reproduce(**kwargs, out=tmp_path)
+        assert len(calls) == metric_calls
         for name in paper.METRICS:
             np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
         assert "resumed from" in (tmp_path / "summary.md").read_text()
-    with pytest.raises(ValueError, match=r"other settings .*'lr': \(0.01, 0.5\)"):
+    with pytest.raises(CheckpointError, match=r"other settings .*'lr': \(0.01, 0.5\)"):
         paper.reproduce(**{**kwargs, "lr": 0.5}, out=tmp_path)
