@@ -10,6 +10,7 @@ from seqppl.models.ngram import NGram, exact_arm
 from seqppl.models.transformer import TransformerARM, TransformerEBM
 
 import seqppl as sp
+from seqppl.train import CheckpointError
 
 from . import oracles
 
@@ -194,8 +195,6 @@ def test_reproduce_resumes_an_interrupted_run(tmp_path, monkeypatch):
     the metrics equal a straight run's; run again, a finished run is rewritten without
     training; other settings in the same out are refused."""
     from seqppl.models import paper
-
-    from seqppl.train import CheckpointError
 
     kwargs = {
         "steps": 6,
