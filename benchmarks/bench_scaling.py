@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 import seqppl as sp
 from seqppl import importance, sharding, train
+from seqppl.estimate import DefensiveMixture
 
 DEVICE_WORKER = "--device-worker"
 
@@ -72,10 +73,10 @@ def is_scaling(sample_counts, repeats):
     space = sp.SequenceSpace(vocab_size=64, length=64)
     lat = sp.Lattice.markov(space, 1)
     ebm = sp.EBM.from_table(lat, jax.random.normal(jax.random.key(0), (lat.num_states, 64)))
-    proposal = importance.Proposal(sp.to_arm(ebm.tempered(0.9)))
+    proposal = DefensiveMixture(sp.to_arm(ebm.tempered(0.9)))
     rows = []
     for count in sample_counts:
-        fn = jax.jit(lambda key, n=count: importance._chunk(ebm, proposal, key, n, n)[2])
+        fn = jax.jit(lambda key, n=count: importance.importance_chunk(ebm, proposal, key, n, n)[2])
         seconds = timed(fn, jax.random.key(1), repeats=repeats)[1]
         rows.append(
             ("is", lat.num_states, 64, 64, count, seconds, memory_bytes(fn, jax.random.key(1)))
@@ -90,11 +91,13 @@ def device_worker(draws: int, repeats: int) -> dict:
     lat = sp.Lattice.markov(space, 1)
     ebm = sp.EBM.from_table(lat, jax.random.normal(jax.random.key(0), (lat.num_states, 64)))
     arm = sp.to_arm(ebm.tempered(0.9))
-    proposal = importance.Proposal(arm)
-    is_fn = jax.jit(lambda key: importance._chunk(ebm, proposal, key, draws, draws, mesh)[2])
+    proposal = DefensiveMixture(arm)
+    is_fn = jax.jit(
+        lambda key: importance.importance_chunk(ebm, proposal, key, draws, draws, mesh)[2]
+    )
     data = arm.sample(jax.random.key(2), (draws // 4,))
     student = sp.ARM.from_table(lat, np.zeros((lat.num_states, 64), np.float32))
-    loss = train._data_loss(student, data, draws // 4, jax.random.key(3), None, mesh)
+    loss = train.data_loss(student, data, draws // 4, jax.random.key(3), None, mesh)
     params = sharding.replicate(student.params, mesh)
     grad_fn = jax.jit(jax.grad(lambda p: loss(p, 0)))
     return {

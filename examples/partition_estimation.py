@@ -96,7 +96,7 @@ def main(argv=None):
     for warning in caught:
         print(f"  EstimateWarning: {warning.message}")
 
-    penalised = target * sp.EBM(repetition_penalty, space)
+    penalised = target * sp.EBM(repetition_penalty(space), space)
     print("\nno exact answer: the target times a repetition penalty (a Python function)")
     is_est = sp.log_partition(penalised, "is", bigram, n, key)
     smc_est = sp.log_partition(penalised, "smc", bigram, n // 4, key, twist=lattice_twist(target))

@@ -32,7 +32,16 @@ from seqppl.models.transformer import TransformerARM, TransformerEBM
 import seqppl as sp
 from seqppl import train
 
-__all__ = ["ADAM_B2", "CONFIGS", "TARGETS", "METRICS", "PaperConfig", "paper_target", "reproduce"]
+__all__ = [
+    "ADAM_B2",
+    "CONFIGS",
+    "TARGETS",
+    "METRICS",
+    "PaperConfig",
+    "paper_target",
+    "distance_metrics",
+    "reproduce",
+]
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,7 @@ def paper_target(
     return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
 
 
-def _distance_metrics(space, tree, log_rho, m_of_r, r_star):
+def distance_metrics(space, tree, log_rho, m_of_r, r_star):
     """The ARM-side metrics of THEORY §5 against the fixed EBM reward ``R*``."""
     seqs = jnp.asarray(space.enumerate())
     states = tree.states(seqs)  # [N, T]
@@ -189,7 +198,7 @@ def reproduce(
     seqs = jnp.asarray(space.enumerate())
     r_star = ebm.unnormalized_log_prob(seqs)
     tree_arm = sp.to_arm(ebm)  # M on the prefix tree with R* on each sequence's last decision
-    metrics = _distance_metrics(space, tree_arm.lattice, log_rho, tree_arm.params, r_star)
+    metrics = distance_metrics(space, tree_arm.lattice, log_rho, tree_arm.params, r_star)
     arm_module = TransformerARM(space.num_actions, space.horizon, *sizes, rngs=nnx.Rngs(seed + 1))
     _, arm_history = fit(sp.ARM.from_nnx(arm_module, space), "arm", metrics)
     result = {

@@ -115,11 +115,19 @@ def lookahead_student(
     return sp.ARM(logits_fn, space, params=module_params(module))
 
 
-def repetition_penalty(tokens, vocab_size: int = 10, penalty: float = 0.7):
-    """``−penalty`` per adjacent repeated token (EOS padding excluded): ``[..., T] -> [...]``.
+def repetition_penalty(space: sp.SequenceSpace, penalty: float = 0.7):
+    """A ``reward_fn`` over ``space``: ``−penalty`` per adjacent repeated token, EOS padding
+    excluded (``tokens [..., T] -> [...]``).
 
     A reward with no finite-state structure as written (a Python function), so an EBM that
     includes it has no exact log Z beyond enumerable spaces.
     """
-    same = (tokens[..., 1:] == tokens[..., :-1]) & (tokens[..., 1:] < vocab_size)
-    return -penalty * jnp.sum(same, -1)
+    if not isinstance(space, sp.SequenceSpace):
+        raise TypeError(f"space must be a SequenceSpace, got {type(space).__name__}")
+    vocab_size = space.vocab_size
+
+    def reward_fn(tokens):
+        same = (tokens[..., 1:] == tokens[..., :-1]) & (tokens[..., 1:] < vocab_size)
+        return -penalty * jnp.sum(same, -1)
+
+    return reward_fn

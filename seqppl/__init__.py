@@ -7,17 +7,25 @@ computed exactly by dynamic programming on finite-state lattices.
 from seqppl.bellman import inverse_soft_bellman, occupancy, path_rewards, soft_bellman, soft_values
 from seqppl.diagnostics import EstimateWarning
 from seqppl.distill import DistillationStopped, distill
-from seqppl.distillation_report import (
-    DistillationReport,
-    distillation_error,
-    plot_distillation_history,
+from seqppl.distillation_report import distillation_error
+from seqppl.distributions import (
+    ARM,
+    EBM,
+    CachedLogits,
+    ExactRoute,
+    NoExactARM,
+    NoExactRoute,
+    SequenceSupport,
+    nnx_arm,
+    to_arm,
+    to_ebm,
 )
-from seqppl.distributions import ARM, EBM, SequenceSupport, nnx_arm, to_arm, to_ebm
 from seqppl.estimate import PartitionEstimate
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 from seqppl.logspace import log_softmax, logsumexp, softmax
 from seqppl.partition import log_partition
 from seqppl.posterior_comparison import PosteriorComparison, compare_posteriors
+from seqppl.report import DistillationReport, plot_distillation_history
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
 from seqppl.student_posterior import distillation_posterior, student_summary
 from seqppl.train import fit
@@ -29,6 +37,10 @@ __all__ = [
     "ARM",
     "EBM",
     "SequenceSupport",
+    "CachedLogits",
+    "ExactRoute",
+    "NoExactRoute",
+    "NoExactARM",
     "to_arm",
     "to_ebm",
     "nnx_arm",

@@ -21,14 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqppl.checks import check_choice
 from seqppl.lattice import Lattice
-from seqppl.logspace import NEG_INF, first_nan_or_pos_inf, log_softmax, logsumexp
+from seqppl.logspace import NEG_INF, log_softmax, logsumexp
 from seqppl.space import SequenceSpace
+from seqppl.tables import check_reachable, check_table, per_decision
 
-METHODS = ("sequential", "parallel")
-"""Schedules of the backward pass: a ``lax.scan`` over time, or an associative scan."""
+SCHEDULES = ("sequential", "parallel")
+"""Schedules of the backward pass (``method=``): a ``lax.scan`` over time, or an associative
+scan over transfer matrices."""
 
 __all__ = [
+    "SCHEDULES",
     "soft_bellman",
     "soft_values",
     "inverse_soft_bellman",
@@ -37,7 +41,9 @@ __all__ = [
 ]
 
 
-def soft_values(lat: Lattice, r, reference=None, *, method: str = "sequential") -> jax.Array:
+def soft_values(
+    lat: Lattice, r, reference=None, *, method: str = "sequential", trusted: bool = False
+) -> jax.Array:
     """The soft values ``V[t, s]`` of local rewards ``r`` (the backward pass of M, no q written).
 
     ``V[t, s] = logsumexp_a (r[t, s, a] + [a ≠ EOS] · V[t+1, δ(s, a)])``; ``log Z(x) =
@@ -51,6 +57,7 @@ def soft_values(lat: Lattice, r, reference=None, *, method: str = "sequential") 
         method: ``"sequential"`` (a ``lax.scan`` over time, O(T·S·A)) or ``"parallel"`` (an
             associative scan over ``[S+1, S+1]`` transfer matrices: depth O(log T), work
             O(T·S³); for few states and long horizons on parallel hardware).
+        trusted: ``r`` and ``reference`` were already validated (internal calls: no host scan).
 
     Returns:
         float ``[T, S]``; −∞ for states with no complete continuation.
@@ -62,12 +69,12 @@ def soft_values(lat: Lattice, r, reference=None, *, method: str = "sequential") 
         >>> V.shape, round(float(V[0, lat.initial]), 4)  # log 2^3
         ((3, 3), 2.0794)
     """
-    r, reference = _prepare(lat, r, reference)
+    r, reference = _prepare(lat, r, reference, trusted=trusted)
     return _backward(lat, _with_reference(lat, r, reference), write_q=False, method=method)
 
 
 def soft_bellman(
-    lat: Lattice, r, reference=None, *, method: str = "sequential"
+    lat: Lattice, r, reference=None, *, method: str = "sequential", trusted: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """M: the logits ``q = M(r)`` and soft values of local rewards ``r``.
 
@@ -79,6 +86,7 @@ def soft_bellman(
         r: float ``[S, A]`` or ``[T, S, A]``; −∞ marks forbidden actions.
         reference: optional reference logits, as in ``soft_values``.
         method: ``"sequential"`` or ``"parallel"`` in time, as in ``soft_values``.
+        trusted: ``r`` and ``reference`` were already validated (internal calls: no host scan).
 
     Returns:
         ``(q, V)``: float ``[T, S, A]`` (−∞ for forbidden actions and actions into dead ends,
@@ -91,12 +99,14 @@ def soft_bellman(
         >>> print(q[0, 0].round(4))  # log of the number of completions after 0, 1, EOS
         [1.0986 1.0986 0.    ]
     """
-    r, reference = _prepare(lat, r, reference)
+    r, reference = _prepare(lat, r, reference, trusted=trusted)
     q, values = _backward(lat, _with_reference(lat, r, reference), write_q=True, method=method)
     return _residual(q, _normalised(lat, reference)), values
 
 
-def inverse_soft_bellman(lat: Lattice, q, reference=None, prompt=None) -> jax.Array:
+def inverse_soft_bellman(
+    lat: Lattice, q, reference=None, prompt=None, *, trusted: bool = False
+) -> jax.Array:
     """M⁻¹: local rewards ``r`` with ``p_{R_r} = p_q`` from logits ``q`` on a lattice.
 
     ``r[t, s, a] = q[t, s, a] − [a ≠ EOS] · V_q[t+1, δ(s, a)]``, ``V_q[t] = logsumexp_a q[t]``
@@ -109,6 +119,7 @@ def inverse_soft_bellman(lat: Lattice, q, reference=None, prompt=None) -> jax.Ar
         q: float ``[S, A]`` or ``[T, S, A]`` logits.
         reference: optional reference logits, as in ``soft_values``.
         prompt: optional int ``[..., P]``: the prompts whose reachable states are checked.
+        trusted: ``q`` (a valid ARM table) and ``prompt`` were already validated: no checks.
 
     Returns:
         float ``[T, S, A]``.
@@ -124,9 +135,12 @@ def inverse_soft_bellman(lat: Lattice, q, reference=None, prompt=None) -> jax.Ar
         [[-0.6931 -0.6931]
          [ 0.      0.    ]]
     """
-    q, reference = _prepare(lat, q, reference, name="q")
+    q, reference = _prepare(lat, q, reference, name="q", trusted=trusted)
     full = _with_reference(lat, q, reference)
-    _check_no_reachable_dead_end(lat, full, prompt)
+    if not trusted:
+        if prompt is not None and not isinstance(prompt, jax.core.Tracer):
+            prompt = lat.space.validate_prompt(prompt)
+        check_reachable(lat, full, prompt)
     return _residual(_inverse(lat, full), _normalised(lat, reference))
 
 
@@ -178,12 +192,12 @@ def path_rewards(logits, tokens, space: SequenceSpace | None = None) -> jax.Arra
     chosen = jnp.where(in_range, chosen, NEG_INF)
     if space is None:
         return _minus_continuation(chosen, next_values)
-    is_eos = tokens == (space.eos_id if space.eos else -1)
+    is_eos = tokens == space.eos_sentinel
     rewards = _minus_continuation(chosen, jnp.where(is_eos, 0, next_values))
     return space.after_eos(tokens, rewards)
 
 
-def occupancy(lat: Lattice, r, prompt=None) -> jax.Array:
+def occupancy(lat: Lattice, r, prompt=None, *, trusted: bool = False) -> jax.Array:
     """``∂ log Z(x) / ∂ r[t, s, a]``: the probability that the state before decision t is s and
     ``y_t = a`` (THEORY §2). On a prefix tree this is the prefix marginal ``p(y_≤t | x)``.
 
@@ -194,14 +208,15 @@ def occupancy(lat: Lattice, r, prompt=None) -> jax.Array:
         lat: the lattice.
         r: float ``[S, A]`` or ``[T, S, A]``.
         prompt: optional int ``[P]``, a single prompt.
+        trusted: ``r`` and ``prompt`` were already validated (internal calls).
 
     Returns:
         float ``[T, S, A]``; at decision t it sums to ``P(τ ≥ t)``, the probability that the
         response has not ended before t (1 in a fixed-length space; 0 if ``log Z = −∞``).
     """
-    r, _ = _prepare(lat, r, None)
-    r = jnp.broadcast_to(r, (lat.space.horizon, *r.shape[-2:]))
-    start = lat.initial_state(prompt)
+    r, _ = _prepare(lat, r, None, trusted=trusted)
+    r = per_decision(r, lat.space.horizon)
+    start = lat.initial_state(prompt, trusted=trusted)
     if start.ndim:
         raise ValueError(f"occupancy takes a single prompt [P], got shape {jnp.shape(prompt)}")
     return jax.grad(lambda table: _backward(lat, table, write_q=False)[0, start])(r)
@@ -211,9 +226,8 @@ def occupancy(lat: Lattice, r, prompt=None) -> jax.Array:
 
 
 def _backward(lat: Lattice, r: jax.Array, write_q: bool, method: str = "sequential"):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    next_index = np.where(_eos_column(lat.space), lat.num_states, lat.delta)
+    method = check_choice("method", method, SCHEDULES)
+    next_index = _next_index(lat)
     if method == "parallel":
         return _backward_parallel(
             jnp.asarray(next_index),
@@ -296,9 +310,8 @@ def _inverse_core(next_index, q):
 
 
 def _inverse(lat: Lattice, q: jax.Array) -> jax.Array:
-    next_index = np.where(_eos_column(lat.space), lat.num_states, lat.delta)
-    q = jnp.broadcast_to(q, (lat.space.horizon, *q.shape[-2:]))
-    q = lat.space.mask_logits(q, table=True)
+    next_index = _next_index(lat)
+    q = lat.space.mask_logits(per_decision(q, lat.space.horizon), table=True)
     return _inverse_core(jnp.asarray(next_index), q)
 
 
@@ -315,7 +328,7 @@ def _normalised(lat: Lattice, reference):
     """``log π_ref`` ``[T, S, A]`` from reference logits (last-decision mask applied), or None."""
     if reference is None:
         return None
-    full = jnp.broadcast_to(reference, (lat.space.horizon, *reference.shape[-2:]))
+    full = per_decision(reference, lat.space.horizon)
     return log_softmax(lat.space.mask_logits(full, table=True), -1)
 
 
@@ -336,66 +349,14 @@ def _residual(q, log_ref):
 # -- validation and masks --------------------------------------------------------------------
 
 
-def _eos_column(space: SequenceSpace) -> np.ndarray:
-    return (np.arange(space.num_actions) == (space.eos_id if space.eos else -1))[None, :]
+def _next_index(lat: Lattice) -> np.ndarray:
+    """``δ`` with EOS sent to the sentinel state ``S`` (value 0: the response ended)."""
+    return np.where(lat.space.continuing_actions()[None, :], lat.delta, lat.num_states)
 
 
-def _prepare(lat: Lattice, table, reference, name: str = "r"):
-    return _check_table(lat, table, name), (
-        None if reference is None else _check_table(lat, reference, "reference")
+def _prepare(lat: Lattice, table, reference, name: str = "r", trusted: bool = False):
+    if trusted:
+        return jnp.asarray(table), None if reference is None else jnp.asarray(reference)
+    return check_table(lat, table, name), (
+        None if reference is None else check_table(lat, reference, "reference")
     )
-
-
-def _check_table(lat: Lattice, table, name: str, batched: bool = False) -> jax.Array:
-    """A float table ``[S, A]`` or ``[T, S, A]`` on ``lat`` (with ``batched``, also a batch
-    ``[*B, T, S, A]``); NaN and +∞ refused when concrete."""
-    table = jnp.asarray(table)
-    if not jnp.issubdtype(table.dtype, jnp.floating):
-        table = table.astype(jnp.result_type(float))
-    S, A, T = lat.num_states, lat.space.num_actions, lat.space.horizon
-    if table.shape not in ((S, A), (T, S, A)) and not (
-        batched and table.ndim > 3 and table.shape[-3:] == (T, S, A)
-    ):
-        shapes = f"[{S}, {A}] or [{T}, {S}, {A}]"
-        shapes += f" or [*batch, {T}, {S}, {A}]" if batched else ""
-        raise ValueError(f"{name} must have shape {shapes}, got {table.shape}")
-    idx = first_nan_or_pos_inf(table)
-    if idx is not None:
-        raise ValueError(
-            f"{name}{list(idx)} = {float(table[idx])}: tables may hold finite values or −∞ "
-            "(a hard constraint), never NaN or +∞"
-        )
-    return table
-
-
-def _check_no_reachable_dead_end(lat: Lattice, q: jax.Array, prompt) -> None:
-    """Refuses logits where a state reachable from ``prompt`` has no finite allowed action."""
-    if isinstance(q, jax.core.Tracer) or isinstance(prompt, jax.core.Tracer):
-        return
-    if q.ndim > 3:  # a batch of tables: each entry from its own prompt(s)
-        prompt_batch = () if prompt is None else jnp.shape(prompt)[:-1]
-        batch = jnp.broadcast_shapes(q.shape[:-3], prompt_batch)
-        q = jnp.broadcast_to(q, (*batch, *q.shape[-3:]))
-        if prompt is not None:
-            prompt = jnp.broadcast_to(prompt, (*batch, jnp.shape(prompt)[-1]))
-        for index in np.ndindex(*batch):
-            _check_no_reachable_dead_end(lat, q[index], None if prompt is None else prompt[index])
-        return
-    space = lat.space
-    full = jnp.broadcast_to(q, (space.horizon, *q.shape[-2:]))
-    full = np.asarray(space.mask_logits(full, table=True))
-    reach = np.zeros(lat.num_states, dtype=bool)
-    reach[np.asarray(lat.initial_state(prompt)).ravel()] = True
-    continues = ~_eos_column(space)[0]
-    for t in range(space.horizon):
-        finite = np.isfinite(full[t])
-        dead = reach & ~finite.any(axis=1)
-        if dead.any():
-            s = int(np.argmax(dead))
-            raise ValueError(
-                f"q[{t}, {s}, :] has no finite logit, but state {s} is reachable at decision {t}: "
-                "such a table is not a distribution (THEORY §2, dead ends)"
-            )
-        moves = finite & reach[:, None] & continues[None, :]
-        reach = np.zeros_like(reach)
-        reach[lat.delta[moves]] = True

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return _reproduce(parser, args)
     if args.command == "logz":
         return _logz(parser, args)
-    from seqppl.demo import run_demo
+    from seqppl.models.demo import run_demo
 
     result = run_demo(_writable(parser, args.out), quick=args.quick, seed=args.seed)
     consistent = abs(result["log_z_estimate"] - result["log_z"]) <= 4 * result["log_z_stderr"]
@@ -144,8 +144,8 @@ def _writable(parser, folder):
 
 
 def _reproduce(parser, args) -> int:
+    from seqppl.loop import CheckpointError
     from seqppl.models.paper import reproduce
-    from seqppl.train import CheckpointError
 
     out = _writable(parser, args.out)
     try:
@@ -204,7 +204,7 @@ def _repetition_model():
     from seqppl.models.tasks import repetition_penalty
 
     target, bigram = _digit_sum_model()
-    return target * sp.EBM(repetition_penalty, target.space), bigram
+    return target * sp.EBM(repetition_penalty(target.space), target.space), bigram
 
 
 _NAMED_MODELS = {"digit-sum": _digit_sum_model, "digit-sum-repetition": _repetition_model}
@@ -249,11 +249,7 @@ def _logz(parser, args) -> int:
     import seqppl as sp
 
     target, proposal = _load_model(parser, args.model)
-    exact = None
-    try:
-        exact = float(target.log_partition())
-    except ValueError:
-        pass
+    exact = float(target.log_partition()) if target.exact_route.is_exact else None
     method = args.method if args.method != "auto" else ("exact" if exact is not None else "is")
     if method == "exact":
         if exact is None:

@@ -1,20 +1,8 @@
-"""Distilling an EBM into an ARM (THEORY §4): KL-regularised fine-tuning: ``argmin_q KL(p_q‖p_R)``.
-
-Four objectives, each a loss ``(params, step, carry) -> (value, diagnostics)`` for the loop
-shared with ``fit`` (progress bar, atomic checkpoints, resume, Ctrl-C):
-
-- ``"reverse_kl"``: ``KL(p_q ‖ p_R) = E_q[log q − R] + A``. Exact gradients by enumeration on
-  small spaces; otherwise the score-function estimator ``E_q[(log q − R − b) ∇ log q]`` with a
-  leave-one-out baseline ``b``.
-- ``"forward_kl"``: ``KL(p_R ‖ p_q) = E_{p_R}[log p_R − log q]``, gradient ``−Σ_i w̄_i ∇ log q(y_i)``
-  with self-normalised weights ``w_i ∝ exp(R(y_i) − log π(y_i))`` of draws from a proposal π
-  (the student itself, detached; a frozen copy swapped when the student improves; or a given
-  ARM): distributional policy gradients.
-- ``"soft_bellman"``: squared soft-Bellman residuals along draws of the student,
-  ``q(s_t, y_t) ← r(s_t, y_t) + logsumexp q(s_{t+1}, ·)`` (the target detached; 0 after the end):
-  the fixed point is ``q = M(r)``. Needs the target's local rewards (a lattice EBM).
-- ``"exact"``: the exact ``KL(p_R ‖ p_q)`` over every sequence (cross-entropy to the target's
-  exact probabilities minus its entropy); enumerable spaces only.
+"""Distilling an EBM into an ARM (the theory page, distillation): KL-regularised fine-tuning,
+``argmin_q KL(p_q ‖ p_R)``, with one of the objectives of ``seqppl.objectives`` driven by the
+loop shared with ``fit`` (``seqppl.loop``: progress bar, atomic checkpoints, resume, Ctrl-C),
+evaluated at every logged step by a distillation report, and stopped when the importance
+weights of ``forward_kl`` say its gradients can no longer be trusted.
 """
 
 from __future__ import annotations
@@ -22,33 +10,26 @@ from __future__ import annotations
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqppl.diagnostics import EstimateWarning, kish_ess, pareto_khat
-from seqppl.distillation_report import distillation_error
-from seqppl.distributions import ARM, EBM
-from seqppl.estimate import check_key, check_proposal
-from seqppl.logspace import categorical_kl, logsumexp, softmax
-from seqppl.sharding import check_mesh, shard_batch
-from seqppl.space import MAX_ENUMERATE
-from seqppl.train import (
-    _fingerprint,
-    _in_chunks,
+from seqppl.checks import (
+    check_choice,
     check_counts,
-    exact_risk,
-    optimise,
-    trapezoid_schedule,
+    check_key,
+    check_mesh,
+    check_model,
+    check_number,
 )
+from seqppl.diagnostics import EstimateWarning
+from seqppl.distillation_report import REPORT_METHODS, distillation_error
+from seqppl.distributions import ARM, EBM
+from seqppl.loop import digest, optimise, run_fingerprint, trapezoid_schedule
+from seqppl.objectives import ESTIMATORS, OBJECTIVES, objective_loss
+from seqppl.space import SMALL_SPACE
+from seqppl.train import model_signature
 
-__all__ = ["distill", "OBJECTIVES", "EXACT_GRADIENT_MAX", "DistillationStopped"]
-
-OBJECTIVES = ("reverse_kl", "forward_kl", "soft_bellman", "exact")
-EXACT_GRADIENT_MAX = 1 << 16
-"""``reverse_kl`` with ``estimator="auto"`` enumerates spaces up to this many sequences."""
-EVALUATE_EXACT_MAX = 1 << 16
-"""``evaluate="auto"`` reports exactly up to this many sequences, by Monte Carlo beyond."""
+__all__ = ["distill", "DistillationStopped"]
 
 
 class DistillationStopped(UserWarning):
@@ -129,11 +110,11 @@ def distill(
         raise TypeError(f"ebm must be an EBM, got {type(ebm).__name__}")
     if ebm.batch_shape != ():
         raise ValueError(f"ebm has batch shape {ebm.batch_shape}; distil one prompt at a time")
-    check_proposal(ebm, student, "student")
+    check_model(student, ARM, ebm, "student")
     if student.params is None:
         raise ValueError("student has no params to train (from_table, params= or from_nnx)")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    objective = check_choice("objective", objective, OBJECTIVES)
+    check_choice("estimator", estimator, ESTIMATORS)
     check_counts(
         ("steps", steps, 1),
         ("num_samples", num_samples, 2),
@@ -142,17 +123,16 @@ def distill(
         ("eval_samples", eval_samples, 2),
         ("patience", patience, 1),
     )
-    if not (isinstance(max_khat, (int, float)) and max_khat > 0):
-        raise ValueError(f"max_khat must be a number > 0, got {max_khat!r}")
-    if not (isinstance(min_ess_fraction, (int, float)) and 0 <= min_ess_fraction < 1):
-        raise ValueError(f"min_ess_fraction must be in [0, 1), got {min_ess_fraction!r}")
+    check_number("max_khat", max_khat, 0, float("inf"))
+    check_number("min_ess_fraction", min_ess_fraction, 0, 1, "[)")
+    check_number("learning_rate", learning_rate, 0, float("inf"))
     if estimator != "auto" and objective != "reverse_kl":
         raise ValueError(f"estimator= applies to objective='reverse_kl' only, not {objective!r}")
     if not (isinstance(proposal, str) and proposal == "student") and objective != "forward_kl":
         raise ValueError(f"proposal= applies to objective='forward_kl' only, not {objective!r}")
-    check_key(key)
+    key = check_key(key)
     check_mesh(mesh)
-    loss_fn, summarise, refresh = _objective(
+    loss_fn, summarise, refresh = objective_loss(
         ebm, student, objective, key, num_samples, estimator, proposal, mesh
     )
     metrics = _evaluation(ebm, student, evaluate, eval_samples, key)
@@ -176,17 +156,19 @@ def distill(
         student.params,
         steps=steps,
         optimizer=optimizer,
-        fingerprint=_fingerprint(
-            student,
-            steps,
-            None,
-            None,
-            "distill",
-            objective,
-            estimator,
-            proposal if isinstance(proposal, str) else "an ARM",
-            str(np.asarray(jax.random.key_data(key)).tolist()),
-            str(num_samples),
+        fingerprint=None
+        if checkpoint_dir is None
+        else run_fingerprint(
+            model_signature(student),
+            student.params,
+            optimizer,
+            steps=str(steps),
+            key=key,
+            target=f"{model_signature(ebm)} {digest(ebm)}",
+            objective=objective,
+            estimator=estimator,
+            proposal=proposal if isinstance(proposal, str) else f"ARM {digest(proposal)}",
+            num_samples=str(num_samples),
         ),
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
@@ -206,177 +188,13 @@ def distill(
     return student.with_params(params), history
 
 
-def _objective(ebm, student, objective, key, num_samples, estimator, proposal, mesh=None):
-    """``(loss_fn(params, step, carry) -> (value, aux), summarise | None, refresh | None)``;
-    the batch axis of the draws (or of each enumerated chunk) split over ``mesh``."""
-    space = ebm.space
-    if objective == "soft_bellman":
-        if not ebm.is_lattice:
-            raise ValueError(
-                "objective='soft_bellman' needs the target's local rewards (an EBM whose parts "
-                "are all lattice tables); for this target use 'reverse_kl' or 'forward_kl'"
-                + (" or 'exact'" if space.num_sequences <= MAX_ENUMERATE else "")
-            )
-        return _soft_bellman(ebm, student, key, num_samples, mesh), None, None
-    if objective == "exact" or (objective == "reverse_kl" and _exact_gradients(space, estimator)):
-        if space.num_sequences > MAX_ENUMERATE:
-            asked = "objective='exact'" if objective == "exact" else "estimator='exact'"
-            raise ValueError(
-                f"{asked} enumerates the space ({space.num_sequences} sequences, more than "
-                f"{MAX_ENUMERATE}); use a sampled objective ('reverse_kl' with "
-                "estimator='score_function', 'forward_kl' or 'soft_bellman')"
-            )
-        seqs = jnp.asarray(space.enumerate())
-        log_p = jax.jit(lambda e: _in_chunks(e.log_prob, seqs, mesh))(ebm)
-        if objective == "exact":
-            entropy = -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0))
-            return (
-                lambda params, step, carry: (
-                    exact_risk(student.with_params(params), log_p, mesh) - entropy,
-                    {},
-                ),
-                None,
-                None,
-            )
-
-        def reverse(params, step, carry):
-            model = student.with_params(params)
-            return categorical_kl(_in_chunks(model.log_prob, seqs, mesh), log_p, 0), {}
-
-        return reverse, None, None
-    if objective == "reverse_kl":
-        return _score_function(ebm, student, key, num_samples, mesh), None, None
-    return _forward_kl(ebm, student, key, num_samples, proposal, mesh)
-
-
-def _exact_gradients(space, estimator) -> bool:
-    if estimator not in ("auto", "exact", "score_function"):
-        raise ValueError(
-            f"estimator must be 'auto', 'exact' or 'score_function', got {estimator!r}"
-        )
-    if estimator == "auto":
-        return space.num_sequences <= EXACT_GRADIENT_MAX
-    return estimator == "exact"
-
-
-def _exact_log_z(ebm):
-    """The EBM's exact log Z, or None when it has none."""
-    try:
-        return ebm.log_partition()
-    except ValueError:
-        return None
-
-
-def _detached_draws(student, params, key, step, num_samples, mesh):
-    """``num_samples`` draws of the student at ``params`` (no gradient), step ``step``'s key,
-    split over ``mesh``."""
-    detached = student.with_params(jax.lax.stop_gradient(params))
-    return shard_batch(detached.sample(jax.random.fold_in(key, step), (num_samples,)), mesh)
-
-
-def _score_function(ebm, student, key, num_samples, mesh):
-    """``mean((f_i − b_i) ∇ log q(y_i))``, ``f = log q − R``, ``b_i`` the mean of the others."""
-    log_z = _exact_log_z(ebm)
-
-    def loss(params, step, carry):
-        model = student.with_params(params)
-        tokens = _detached_draws(student, params, key, step, num_samples, mesh)
-        log_q = model.log_prob(tokens)
-        f = jax.lax.stop_gradient(log_q) - ebm.unnormalized_log_prob(tokens)
-        baseline = (jnp.sum(f) - f) / (num_samples - 1)
-        surrogate = jnp.mean((f - baseline) * log_q)
-        value = jnp.mean(f) + (0.0 if log_z is None else log_z)
-        return surrogate - jax.lax.stop_gradient(surrogate) + value, {}
-
-    return loss
-
-
-def _forward_kl(ebm, student, key, num_samples, proposal, mesh):
-    """Self-normalised importance sampling of ``−E_{p_R}[∇ log q]`` (DPG).
-
-    ``proposal="frozen"``: the proposal is a copy of the student (``carry``) replaced by the
-    current student at a logged step when the step's draws say the student is closer to the
-    target: lower self-normalised cross-entropy ``−Σ w̄_i log q(y_i)`` than the copy's.
-    """
-    if not (proposal in ("student", "frozen") or isinstance(proposal, ARM)):
-        raise ValueError(f"proposal must be 'student', 'frozen' or an ARM, got {proposal!r}")
-    if isinstance(proposal, ARM):
-        check_proposal(ebm, proposal, "proposal")
-    log_z = _exact_log_z(ebm)
-
-    def loss(params, step, carry):
-        model = student.with_params(params)
-        if proposal == "student":
-            behaviour = student.with_params(jax.lax.stop_gradient(params))
-        elif proposal == "frozen":
-            behaviour = student.with_params(carry)
-        else:
-            behaviour = proposal
-        tokens, (steps,) = shard_batch(
-            behaviour.sample_with_intermediates(jax.random.fold_in(key, step), (num_samples,)),
-            mesh,
-        )
-        rewards = ebm.unnormalized_log_prob(tokens)
-        log_w = rewards - steps.sum(-1)
-        weights = softmax(log_w, 0)
-        log_q = model.log_prob(tokens)
-        kept = weights > 0
-        detached_log_q = jax.lax.stop_gradient(jnp.where(kept, log_q, 0))  # the value only
-        cross = jnp.sum(jnp.where(kept, weights * (rewards - detached_log_q), 0))
-        estimate = logsumexp(log_w, 0) - jnp.log(num_samples) if log_z is None else log_z
-        surrogate = -jnp.sum(jax.lax.stop_gradient(weights) * jnp.where(kept, log_q, 0))
-        value = jnp.where(jnp.any(kept), cross - estimate, jnp.nan)
-        aux = {
-            "log_w": log_w,
-            "cross_entropy": {
-                "student": -jnp.sum(jnp.where(kept, weights * jnp.where(kept, log_q, 0), 0)),
-                "proposal": -jnp.sum(jnp.where(kept, weights * steps.sum(-1), 0)),
-            },
-        }
-        return surrogate - jax.lax.stop_gradient(surrogate) + value, aux
-
-    def summarise(aux):
-        log_w = np.asarray(aux["log_w"], np.float64)
-        return {"ess": kish_ess(log_w), "khat": pareto_khat(log_w)}
-
-    def swap_when_better(carry, params, aux):
-        better = float(aux["cross_entropy"]["student"]) < float(aux["cross_entropy"]["proposal"])
-        return (params if better else carry), {"proposal_swapped": float(better)}
-
-    return loss, summarise, swap_when_better if proposal == "frozen" else None
-
-
-def _soft_bellman(ebm, student, key, num_samples, mesh):
-    """Mean over student draws of ``Σ_t (q(s_t, y_t) − r_t − [t+1 active] V_q(s_{t+1}))²``."""
-    space, joint, table = ebm.space, ebm.joint, ebm.reward_table()
-
-    def loss(params, step, carry):
-        model = student.with_params(params)
-        tokens = _detached_draws(student, params, key, step, num_samples, mesh)
-        logits = space.mask_logits(model.logits(tokens))  # [N, T, A]
-        taken = jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
-        active = space.active(tokens)
-        following = jnp.concatenate([active[..., 1:], jnp.zeros_like(active[..., :1])], -1)
-        next_value = jnp.concatenate(
-            [logsumexp(logits[..., 1:, :], -1), jnp.zeros_like(taken[..., :1])], -1
-        )
-        target = joint.path_scores(table, tokens, ebm.prompt) + jnp.where(
-            following, jax.lax.stop_gradient(next_value), 0
-        )
-        residual = jnp.where(active, taken - target, 0)
-        return jnp.mean(jnp.sum(residual**2, -1)), {}
-
-    return loss
-
-
 def _evaluation(ebm, student, evaluate, eval_samples, key):
     """``metrics(params) -> dict`` from a distillation report, or None."""
     if evaluate is None:
         return None
+    evaluate = check_choice("evaluate", evaluate, ("auto", *REPORT_METHODS), {"is": "mc"})
     if evaluate == "auto":
-        evaluate = "exact" if ebm.space.num_sequences <= EVALUATE_EXACT_MAX else "mc"
-    if evaluate not in ("exact", "mc"):
-        raise ValueError(f"evaluate must be 'auto', 'exact', 'mc' or None, got {evaluate!r}")
+        evaluate = "exact" if ebm.space.num_sequences <= SMALL_SPACE else "mc"
     eval_key = jax.random.fold_in(key, np.iinfo(np.int32).max)
 
     def metrics(params):

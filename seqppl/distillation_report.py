@@ -1,5 +1,5 @@
-"""How far an ARM is from a target EBM (THEORY §4): both KLs, TV, the per-position split of the
-reverse KL, the logit error ε and the bound ``2T·ε``.
+"""``distillation_error``: how far an ARM is from a target EBM (the theory page, distillation):
+both KLs, TV, the per-position split of the reverse KL, the logit error ε and the bound ``2T·ε``.
 
 Exact mode enumerates the space. Monte Carlo mode draws from the student (and from the target
 when it samples exactly) and gives normal intervals from the ELBO/EUBO sandwich:
@@ -11,164 +11,40 @@ gives the per-position split.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqppl.checks import (
+    check_choice,
+    check_counts,
+    check_key,
+    check_level,
+    check_model,
+    refuse_invalid,
+)
 from seqppl.diagnostics import kish_ess, pareto_khat
-from seqppl.distributions import ARM, EBM, NoExactARM, to_arm
+from seqppl.distributions import ARM, EBM, to_arm
+from seqppl.distributions.convert import no_exact_arm_reason
 from seqppl.distributions.support import map_in_chunks
 from seqppl.estimate import (
-    Proposal,
-    check_key,
-    check_proposal,
+    DefensiveMixture,
     mean_and_stderr,
     normal_interval,
-    normal_quantile,
     rewards_and_log_q,
     target_draws,
 )
 from seqppl.logspace import categorical_kl, softmax
 from seqppl.partition import log_partition
-from seqppl.space import MAX_ENUMERATE
+from seqppl.report import DistillationReport
+from seqppl.space import ENUMERATION_CHUNK, MAX_ENUMERATE
 
-__all__ = ["DistillationReport", "distillation_error", "plot_distillation_history"]
+__all__ = ["distillation_error", "path_terms", "half_range_gap", "REPORT_METHODS"]
 
-REPORT_CHUNK = 1024
-"""Sequences whose next-token policies (``[chunk, T, A]``, both models) are held at once."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillationReport:
-    """The distillation error of an ARM ``p_q`` against an EBM ``p_R`` (THEORY §4).
-
-    Attributes:
-        kl_reverse, kl_forward: ``KL(p_q ‖ p_R)`` (the RL direction) and ``KL(p_R ‖ p_q)``.
-        kl_reverse_interval, kl_forward_interval: ``level`` intervals (normal, clipped at 0;
-            ``(v, v)`` in exact mode and for an infinite KL).
-        kl_reverse_stderr, kl_forward_stderr: their standard errors (0 in exact mode).
-        tv: total variation (exact mode; None in Monte Carlo mode).
-        per_position_kl: ``[T]``, position t's ``E_{s_t ~ p_q} KL(π_q ‖ π_R)`` (sums to
-            ``kl_reverse``); None when the target has no exact ARM (``notes`` says why).
-        per_position_kl_stderr: ``[T]`` in Monte Carlo mode, zeros in exact mode.
-        logit_error: ε, the largest half-range over states of the finite gaps ``M(r) − q``
-            (∞ where exactly one of the two is −∞), over ``logit_error_scope``.
-        bound: ``2T·ε``, an upper bound on both KLs (a lower estimate of it in Monte Carlo
-            mode, where ε covers visited states only).
-        logit_error_scope: ``"reachable states"`` (exact) or ``"visited states (lower
-            estimate)"`` (Monte Carlo).
-        method, level, horizon, num_samples: how the report was made.
-        notes: the estimators used and why a figure is missing.
-        extras: ``log_z``, ``log_z_stderr``, ``elbo``, ``eubo``, ``khat`` and ``ess`` of the
-            student-as-proposal weights where they were computed.
-    """
-
-    kl_reverse: float
-    kl_forward: float
-    kl_reverse_interval: tuple[float, float]
-    kl_forward_interval: tuple[float, float]
-    kl_reverse_stderr: float
-    kl_forward_stderr: float
-    tv: float | None
-    per_position_kl: np.ndarray | None
-    per_position_kl_stderr: np.ndarray | None
-    logit_error: float | None
-    bound: float | None
-    logit_error_scope: str
-    method: str
-    level: float
-    horizon: int
-    num_samples: int | None = None
-    notes: tuple[str, ...] = ()
-    extras: dict = dataclasses.field(default_factory=dict)
-
-    def __str__(self) -> str:
-        def interval(low, high):
-            return f"[{low:.4g}, {high:.4g}]"
-
-        lines = [
-            f"distillation error ({self.method}, {100 * self.level:g}% intervals)",
-            f"  KL(student ‖ target) = {self.kl_reverse:.6g} {interval(*self.kl_reverse_interval)}",
-            f"  KL(target ‖ student) = {self.kl_forward:.6g} {interval(*self.kl_forward_interval)}",
-        ]
-        if self.tv is not None:
-            lines.append(f"  TV = {self.tv:.6g}")
-        if self.logit_error is not None:
-            lines.append(
-                f"  logit error ε = {self.logit_error:.6g} over {self.logit_error_scope}; "
-                f"bound 2T·ε = {self.bound:.6g} (T = {self.horizon})"
-            )
-        if self.per_position_kl is not None:
-            worst = int(np.argmax(self.per_position_kl))
-            lines.append(
-                f"  largest per-position KL at t = {worst}: {self.per_position_kl[worst]:.4g}"
-            )
-        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
-
-    def attrs(self) -> dict:
-        """The scalar fields as a flat dict (None as NaN; intervals as ``*_low``/``*_high``;
-        notes joined), ready for netCDF attributes and tables."""
-        out = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            name = field.name
-            if name.endswith("_interval"):
-                out[f"{name}_low"], out[f"{name}_high"] = (float(v) for v in value)
-            elif name in ("method", "logit_error_scope"):
-                out[name] = value
-            elif name == "notes":
-                out[name] = " | ".join(value)
-            elif name == "extras":
-                out.update({k: float("nan") if v is None else float(v) for k, v in value.items()})
-            elif name not in ("per_position_kl", "per_position_kl_stderr"):
-                out[name] = float("nan") if value is None else float(value)
-        return out
-
-    def to_datatree(self):
-        """An ``xarray.DataTree``: the scalar fields in the root's ``attrs``; the group
-        ``per_position`` holds ``kl`` and ``kl_stderr`` over ``position`` when available."""
-        import xarray as xr
-
-        tree = xr.DataTree()
-        tree.attrs.update(self.attrs())
-        if self.per_position_kl is not None:
-            tree["per_position"] = xr.DataTree(
-                xr.Dataset(
-                    {
-                        "kl": ("position", np.asarray(self.per_position_kl, np.float64)),
-                        "kl_stderr": (
-                            "position",
-                            np.asarray(self.per_position_kl_stderr, np.float64),
-                        ),
-                    },
-                    coords={"position": np.arange(self.horizon)},
-                )
-            )
-        return tree
-
-    def plot(self, ax=None):
-        """Per-position KL with its intervals, and the KL total against the bound; an ``Axes``."""
-        import matplotlib.pyplot as plt
-
-        if self.per_position_kl is None:
-            raise ValueError(f"no per-position KL to plot: {'; '.join(self.notes)}")
-        if ax is None:
-            _, ax = plt.subplots(figsize=(6, 3.2))
-        kl = np.asarray(self.per_position_kl)
-        half = normal_quantile(self.level) * np.asarray(self.per_position_kl_stderr)
-        positions = np.arange(kl.size)
-        ax.bar(positions, kl, color="tab:blue", alpha=0.8, label="E KL(π_student ‖ π_target)")
-        if np.any(half > 0):
-            ax.errorbar(positions, kl, yerr=half, fmt="none", color="black", capsize=2)
-        title = f"KL(student ‖ target) = {self.kl_reverse:.3g}"
-        if self.bound is not None:
-            title += f", bound 2T·ε = {self.bound:.3g}"
-        ax.set(xlabel="position t", ylabel="KL (nats)", title=title)
-        ax.legend(frameon=False)
-        return ax
+REPORT_METHODS = ("exact", "mc")
+"""``distillation_error``'s modes; ``"mc"`` (Monte Carlo) is canonical, ``"is"`` is accepted."""
 
 
 def distillation_error(
@@ -187,9 +63,9 @@ def distillation_error(
         ebm: the target ``EBM`` (batch shape ``()``).
         arm: the student ``ARM`` over the same space and prompt.
         method: ``"exact"`` (enumerates the space; ``MAX_ENUMERATE`` sequences at most; needs an
-            exact ``log Z``) or ``"mc"``.
+            exact ``log Z``) or ``"mc"`` (Monte Carlo; ``"is"`` is accepted for it).
         num_samples: Monte Carlo: student draws, and exact target draws for the forward KL.
-        key: Monte Carlo: a PRNG key.
+        key: Monte Carlo: a PRNG key (``jax.random.key(n)`` or ``jax.random.PRNGKey(n)``).
         level: interval coverage.
         target_samples: Monte Carlo: ``"auto"`` (exact draws when the EBM is a lattice or the
             space is enumerable), None, or int ``[M, T]`` exact draws of the target. Without
@@ -208,17 +84,14 @@ def distillation_error(
         raise TypeError(f"ebm must be an EBM, got {type(ebm).__name__}")
     if ebm.batch_shape != ():
         raise ValueError(f"ebm has batch shape {ebm.batch_shape}; report one prompt at a time")
-    check_proposal(ebm, arm, "arm")
-    if not (isinstance(level, float) and 0 < level < 1):
-        raise ValueError(f"level must be a float in (0, 1), got {level!r}")
+    check_model(arm, ARM, ebm, "arm")
+    level = check_level(level)
+    method = check_choice("method", method, REPORT_METHODS, {"is": "mc"})
     teacher, reason = _teacher(ebm)
     if method == "exact":
         return _exact(ebm, arm, teacher, reason, level)
-    if method != "mc":
-        raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    check_key(key, "key= (method='mc' needs it)")
+    check_counts(("num_samples", num_samples, 2))
+    key = check_key(key, "key= (method='mc' needs it)")
     return _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samples)
 
 
@@ -236,8 +109,8 @@ def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
         raise ValueError("method='exact' needs the EBM's exact log Z, not an attached estimate")
     seqs = jnp.asarray(space.enumerate())
     log_p, log_q = (np.asarray(x, np.float64) for x in _log_probs(ebm, arm, seqs))
-    _refuse_nan(log_p, "ebm", "log-probabilities", seqs)
-    _refuse_nan(log_q, "arm", "log-probabilities", seqs)
+    refuse_invalid(log_p, "ebm.log_prob(y)", rows=seqs)
+    refuse_invalid(log_q, "arm.log_prob(y)", rows=seqs)
     kl_reverse = float(categorical_kl(log_q, log_p, 0))
     kl_forward = float(categorical_kl(log_p, log_q, 0))
     tv = 0.5 * float(np.sum(np.abs(np.exp(log_p) - np.exp(log_q))))
@@ -245,7 +118,7 @@ def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
     notes = [] if teacher is not None else [reason]
     if teacher is not None:
         kl_t, eps_t = (np.asarray(x, np.float64) for x in _path_terms_chunked(arm, teacher, seqs))
-        _refuse_nan(kl_t + eps_t, "arm", "next-token policies", seqs)
+        refuse_invalid(kl_t + eps_t, "the arm's next-token KL", rows=seqs, allow_pos_inf=True)
         supported = (log_q > -np.inf)[:, None]  # 0 · ∞ = 0 off the student's support only
         with np.errstate(invalid="ignore"):
             weighted = np.where(kl_t == np.inf, np.inf, np.exp(log_q)[:, None] * kl_t)
@@ -277,12 +150,12 @@ def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
 @jax.jit
 def _log_probs(ebm, arm, seqs):
     """``(log p_R, log p_q)`` ``[N]`` over enumerated sequences, in chunks."""
-    return map_in_chunks(lambda y: (ebm.log_prob(y), arm.log_prob(y)), seqs, REPORT_CHUNK)
+    return map_in_chunks(lambda y: (ebm.log_prob(y), arm.log_prob(y)), seqs, ENUMERATION_CHUNK)
 
 
 @jax.jit
 def _path_terms_chunked(student, teacher, tokens):
-    return map_in_chunks(lambda y: path_terms(student, teacher, y), tokens, REPORT_CHUNK)
+    return map_in_chunks(lambda y: path_terms(student, teacher, y), tokens, ENUMERATION_CHUNK)
 
 
 def path_terms(student: ARM, teacher: ARM, tokens):
@@ -315,8 +188,8 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
     student_key, target_key, log_z_key = jax.random.split(key, 3)
     notes = [] if teacher is not None else [reason]
     ys, rewards, log_q = (np.asarray(x) for x in _student_draws(ebm, arm, student_key, num_samples))
-    _refuse_nan(rewards, "ebm", "rewards", ys)
-    _refuse_nan(log_q, "arm", "log-probabilities", ys)
+    refuse_invalid(rewards, "the ebm's reward", rows=ys)
+    refuse_invalid(log_q, "arm.log_prob(y)", rows=ys)
     log_w = rewards.astype(np.float64) - log_q
     log_z, log_z_se, note = _log_z(ebm, arm, num_samples, log_z_key)
     notes += [note] if note else []
@@ -324,7 +197,7 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
     per_position = per_position_se = None
     if teacher is not None:
         kl_t, eps_t = (np.asarray(x, np.float64) for x in _path_terms_chunked(arm, teacher, ys))
-        _refuse_nan(kl_t + eps_t, "arm", "next-token policies", ys)
+        refuse_invalid(kl_t + eps_t, "the arm's next-token KL", rows=ys, allow_pos_inf=True)
         per_position = kl_t.mean(0)
         with np.errstate(invalid="ignore"):
             per_position_se = kl_t.std(0, ddof=1) / np.sqrt(num_samples)
@@ -344,7 +217,7 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
     eubo = None
     if draws is not None:
         target_rewards, target_log_q = (
-            np.asarray(x, np.float64) for x in rewards_and_log_q(ebm, Proposal(arm), draws)
+            np.asarray(x, np.float64) for x in rewards_and_log_q(ebm, DefensiveMixture(arm), draws)
         )
         if np.any(target_rewards == -np.inf):
             raise ValueError("target_samples hold a sequence with R = -inf: not target draws")
@@ -415,14 +288,13 @@ def _log_z(ebm, arm, num_samples, key):
         attached = ebm.log_partition_estimate
         stderr = float(getattr(attached, "stderr", 0.0))
         return float(ebm.log_partition()), stderr, "log Z: the estimate attached to the EBM"
-    try:
+    if ebm.exact_route.is_exact:
         return float(ebm.log_partition()), 0.0, None
-    except ValueError:
-        est = log_partition(
-            ebm, "is", proposal=arm, num_samples=num_samples, key=key, target_samples=None
-        )
-        note = f"log Z by importance sampling with the student ({num_samples} draws)"
-        return est.log_z, est.stderr, note
+    est = log_partition(
+        ebm, "is", proposal=arm, num_samples=num_samples, key=key, target_samples=None
+    )
+    note = f"log Z by importance sampling with the student ({num_samples} draws)"
+    return est.log_z, est.stderr, note
 
 
 def _self_normalised_forward_kl(log_w, log_z):
@@ -448,39 +320,9 @@ def _finite_stderr(value, stderr) -> float:
     return 0.0 if value == np.inf else float(stderr)
 
 
-def _refuse_nan(values, argument: str, what: str, tokens) -> None:
-    """``ValueError`` naming ``argument`` when ``values`` (``[N, ...]``) hold NaN."""
-    bad = np.argwhere(np.isnan(np.asarray(values, np.float64)))
-    if bad.size:
-        row = np.asarray(tokens)[bad[0][0]].tolist()
-        raise ValueError(f"{argument} gives NaN {what} on the sequence {row}")
-
-
 def _teacher(ebm):
     """The target's exact ARM ``M(r)`` and None, or None and the reason it has none."""
-    try:
+    reason = no_exact_arm_reason(ebm)
+    if reason is None:
         return to_arm(ebm), None
-    except NoExactARM as error:
-        return None, f"no per-position KL or logit error: the target has no exact ARM ({error})"
-
-
-def plot_distillation_history(history, ax=None):
-    """The reverse KL over training with its interval band, and the bound ``2T·ε`` where the
-    history has it (``distill``'s history with evaluation); an ``Axes``."""
-    import matplotlib.pyplot as plt
-
-    if "kl_reverse" not in history:
-        raise ValueError("history has no 'kl_reverse': run distill with evaluate= set")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.2))
-    step = np.asarray(history["step"])
-    ax.plot(step, history["kl_reverse"], color="tab:blue", label="KL(student ‖ target)")
-    if "kl_reverse_low" in history:
-        ax.fill_between(
-            step, history["kl_reverse_low"], history["kl_reverse_high"], alpha=0.3, lw=0
-        )
-    if "bound" in history:
-        ax.plot(step, history["bound"], color="tab:red", ls="--", label="bound 2T·ε")
-    ax.set(xlabel="step", ylabel="nats", yscale="log", title="distillation")
-    ax.legend(frameon=False)
-    return ax
+    return None, f"no per-position KL or logit error: the target has no exact ARM ({reason})"

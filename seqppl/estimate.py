@@ -16,29 +16,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqppl.checks import check_counts, check_key, check_model, refuse_invalid
 from seqppl.diagnostics import plot_weights, weights_datatree
 from seqppl.distributions import ARM, EBM
-from seqppl.space import MAX_ENUMERATE
+from seqppl.space import SMALL_SPACE
 
 __all__ = [
     "PartitionEstimate",
-    "Proposal",
-    "SUPPORT_CHECK_MAX",
-    "check_key",
+    "DefensiveMixture",
+    "check_sampler",
+    "check_support",
+    "check_proposal_covers",
     "exact_draws",
+    "normal_interval",
     "normal_quantile",
+    "mean_and_stderr",
     "rewards_and_log_q",
     "target_draws",
+    "eubo",
 ]
 
-SUPPORT_CHECK_MAX = 1 << 16
-"""Spaces up to this size are enumerated to check that the proposal covers the EBM's support."""
 TARGET_SAMPLES = 4096
 """Exact target samples drawn for the EUBO when ``target_samples="auto"`` and the EBM has them."""
 
 
-class Proposal(NamedTuple):
-    """An ARM proposal ``q``, or its defensive mixture ``(1 − α) q + α u`` (a pytree)."""
+class DefensiveMixture(NamedTuple):
+    """The distribution importance draws come from: the proposal ARM ``q`` alone, or its
+    defensive mixture ``(1 − α) q + α u`` with another ARM ``u`` (a pytree)."""
 
     arm: ARM
     defensive: ARM | None = None
@@ -55,7 +59,7 @@ class Proposal(NamedTuple):
 
 
 @jax.jit
-def rewards_and_log_q(ebm, proposal: Proposal, tokens):
+def rewards_and_log_q(ebm, proposal: DefensiveMixture, tokens):
     """``(R(y), log q(y))`` ``[N]`` for tokens ``[N, T]`` in one jitted call."""
     return ebm.unnormalized_log_prob(tokens), proposal.log_prob(tokens)
 
@@ -153,14 +157,6 @@ def normal_quantile(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
 
-def check_key(key, name: str = "key") -> None:
-    """``TypeError`` unless ``key`` is a new-style ``jax.random.key(...)``."""
-    if key is None or not (
-        isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    ):
-        raise TypeError(f"{name} must be a jax.random.key(...), got {key!r}")
-
-
 def mean_and_stderr(values) -> tuple[float, float]:
     """Mean and its standard error ``sd/√n`` of ``values`` ``[n]`` (−∞ in them: ``(−∞, NaN)``)."""
     values = np.asarray(values, np.float64)
@@ -169,9 +165,9 @@ def mean_and_stderr(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
 
 
-def check_sampler(ebm, proposal, num_samples, key, max_kept) -> None:
+def check_sampler(ebm, proposal, num_samples, key, max_kept) -> jax.Array:
     """Eager validation shared by the estimators (``ValueError``/``TypeError`` naming the
-    argument)."""
+    argument); returns the key as a typed PRNG key."""
     if not isinstance(ebm, EBM):
         raise TypeError(f"ebm must be an EBM, got {type(ebm).__name__}")
     if ebm.batch_shape != ():
@@ -179,37 +175,16 @@ def check_sampler(ebm, proposal, num_samples, key, max_kept) -> None:
             f"ebm has batch shape {ebm.batch_shape}; estimate one prompt at a time "
             "(index the prompts or loop over them)"
         )
-    check_proposal(ebm, proposal, "proposal")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    check_key(key)
-    if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 1:
-        raise ValueError(f"max_kept must be an int >= 1, got {max_kept!r}")
+    check_model(proposal, ARM, ebm, "proposal")
+    check_counts(("num_samples", num_samples, 2), ("max_kept", max_kept, 1))
+    return check_key(key)
 
 
-def check_proposal(ebm, proposal, name: str) -> None:
-    """``proposal`` is an ARM over the EBM's space and prompt, batch shape ``()``."""
-    if not isinstance(proposal, ARM):
-        raise TypeError(f"{name} must be an ARM, got {type(proposal).__name__}")
-    if proposal.space != ebm.space:
-        raise ValueError(f"{name} is over {proposal.space}, not the EBM's {ebm.space}")
-    if proposal.batch_shape != ():
-        raise ValueError(f"{name} has batch shape {proposal.batch_shape}; give one prompt")
-    same_prompt = (proposal.prompt is None) == (ebm.prompt is None) and (
-        ebm.prompt is None or np.array_equal(np.asarray(proposal.prompt), np.asarray(ebm.prompt))
-    )
-    if not same_prompt:
-        raise ValueError(f"{name} and ebm have different prompts; give both the same prompt")
-
-
-def check_support(ebm, proposal: Proposal, tokens, what: str):
+def check_support(ebm, proposal: DefensiveMixture, tokens, what: str):
     """``(R, log q)`` ``[N]`` on ``tokens`` ``[N, T]``; raises if ``log q(y) = −∞`` where ``R(y)``
     is finite (importance weights would silently miss that mass) or if ``R`` is NaN/+∞."""
     rewards, log_q = (np.asarray(x) for x in rewards_and_log_q(ebm, proposal, tokens))
-    bad_reward = np.flatnonzero(np.isnan(rewards) | (rewards == np.inf))
-    if bad_reward.size:
-        i = bad_reward[0]
-        raise ValueError(f"the EBM's reward is {rewards[i]} on {what} {np.asarray(tokens[i])}")
+    refuse_invalid(rewards, "the EBM's reward", rows=tokens)
     missed = np.flatnonzero(np.isfinite(rewards) & (log_q == -np.inf))
     if missed.size:
         i = missed[0]
@@ -221,9 +196,9 @@ def check_support(ebm, proposal: Proposal, tokens, what: str):
     return rewards, log_q
 
 
-def check_proposal_covers(ebm, proposal: Proposal) -> None:
-    """Enumerates spaces up to ``SUPPORT_CHECK_MAX`` sequences for ``check_support``."""
-    if ebm.space.num_sequences <= SUPPORT_CHECK_MAX:
+def check_proposal_covers(ebm, proposal: DefensiveMixture) -> None:
+    """Enumerates spaces up to ``SMALL_SPACE`` sequences for ``check_support``."""
+    if ebm.space.num_sequences <= SMALL_SPACE:
         check_support(ebm, proposal, jnp.asarray(ebm.space.enumerate()), "the sequence")
 
 
@@ -245,7 +220,7 @@ def target_draws(ebm, target_samples, count: int, key):
             raise ValueError(
                 f"target_samples must be 'auto', None or sequences, got {target_samples!r}"
             )
-        if not (ebm.is_lattice or ebm.space.num_sequences <= MAX_ENUMERATE):
+        if not ebm.exact_route.is_exact:
             return None
         draws, log_z = exact_draws(ebm, key, count)
         return draws if np.isfinite(float(log_z)) else None
@@ -256,7 +231,7 @@ def target_draws(ebm, target_samples, count: int, key):
     return draws
 
 
-def eubo(ebm, proposal: Proposal, target_samples, num_samples, key):
+def eubo(ebm, proposal: DefensiveMixture, target_samples, num_samples, key):
     """``(E_{p_R}[R − log q], its stderr)`` from target samples, or ``(None, None)``.
 
     ``target_samples``: ``"auto"`` (exact draws when the EBM samples exactly: a lattice or an

@@ -18,20 +18,23 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from seqppl.checks import check_counts, check_mesh, check_model, check_number, refuse_invalid
 from seqppl.diagnostics import pareto_khat, weight_warnings
 from seqppl.distributions import ARM
 from seqppl.estimate import (
+    DefensiveMixture,
     PartitionEstimate,
-    Proposal,
-    check_proposal,
     check_proposal_covers,
     eubo,
     normal_interval,
 )
 from seqppl.lattice import Lattice
-from seqppl.sharding import check_mesh, shard_batch, to_host
+from seqppl.sharding import shard_batch, to_host
 
-__all__ = ["importance_sampling"]
+__all__ = ["importance_sampling", "importance_chunk", "DRAWS_PER_CHUNK"]
+
+DRAWS_PER_CHUNK = 1 << 15
+"""Default importance-sampling draws per chunk (memory is bounded by it, not by the total)."""
 
 
 def importance_sampling(
@@ -41,7 +44,7 @@ def importance_sampling(
     key,
     *,
     level: float = 0.95,
-    chunk_size: int = 1 << 15,
+    chunk_size: int = DRAWS_PER_CHUNK,
     max_kept: int = 100_000,
     defensive: float = 0.0,
     defensive_proposal: ARM | None = None,
@@ -55,15 +58,13 @@ def importance_sampling(
     arguments); chunk ``c`` draws with ``fold_in(key, c)``, so results depend on ``chunk_size``
     but not on ``mesh`` (each chunk's draws split over its devices, ``seqppl.sharding``)."""
     check_mesh(mesh)
-    if not 0.0 <= defensive < 1.0:
-        raise ValueError(f"defensive must be in [0, 1), got {defensive!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    defensive = check_number("defensive", defensive, 0, 1, "[)")
+    check_counts(("chunk_size", chunk_size, 1))
     mixture = None
     if defensive > 0:
         mixture = defensive_proposal or _uniform_arm(ebm)
-        check_proposal(ebm, mixture, "defensive_proposal")
-    q = Proposal(proposal, mixture, defensive)
+        check_model(mixture, ARM, ebm, "defensive_proposal")
+    q = DefensiveMixture(proposal, mixture, defensive)
     check_proposal_covers(ebm, q)
 
     chunk = min(chunk_size, num_samples)
@@ -77,13 +78,13 @@ def importance_sampling(
     )
     for c in bar:
         valid = min(chunk, num_samples - c * chunk)
-        tokens, log_w, stats = _chunk(ebm, q, jax.random.fold_in(key, c), valid, chunk, mesh)
+        tokens, log_w, stats = importance_chunk(
+            ebm, q, jax.random.fold_in(key, c), valid, chunk, mesh
+        )
         stats = jax.device_get(stats)
-        if stats["first_bad"] >= 0:
-            i = int(stats["first_bad"])
-            raise ValueError(
-                f"the EBM's reward is NaN or +inf on the sampled sequence {np.asarray(tokens[i])}"
-            )
+        if stats["first_bad"] >= 0:  # the bad reward again, eagerly, for the message
+            row = tokens[int(stats["first_bad"])][None]
+            refuse_invalid(ebm.unnormalized_log_prob(row), "the EBM's reward", rows=row)
         sums.add(stats)
         room = max_kept - sum(len(w) for w in kept_log_w)
         if room > 0:
@@ -125,9 +126,23 @@ def _uniform_arm(ebm) -> ARM:
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "mesh"))
-def _chunk(ebm, q: Proposal, key, valid, chunk, mesh=None):
-    """One chunk: tokens ``[chunk, T]``, log weights ``[chunk]`` (−∞ past ``valid``) and the
-    chunk's sufficient statistics; with a ``mesh`` the draws are split over its devices."""
+def importance_chunk(ebm, q: DefensiveMixture, key, valid, chunk: int, mesh=None):
+    """One chunk of importance sampling, a pure jitted kernel: ``chunk`` draws from ``q``,
+    ``log w = R(y) − log q(y)`` (−∞ past the first ``valid``) and the chunk's sufficient
+    statistics (shifted weight mean and squared deviations, finite log-weight mean and squared
+    deviations, counts, the index of a NaN/+∞ reward or −1).
+
+    Args:
+        ebm: the target ``EBM``.
+        q: the ``DefensiveMixture`` draws come from.
+        key: a typed PRNG key.
+        valid: the draws that count (the last chunk may be partly padding).
+        chunk: draws in the chunk (static).
+        mesh: optional ``jax.sharding.Mesh``: the draws split over its devices.
+
+    Returns:
+        ``(tokens [chunk, T], log_w [chunk], stats)``.
+    """
     draw_key, mix_key, pick_key = jax.random.split(key, 3)
     tokens, (steps,) = q.arm.sample_with_intermediates(draw_key, (chunk,))
     log_q = steps.sum(-1)

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.space import SequenceSpace
+from seqppl.tables import path_entries
 
-__all__ = ["Lattice", "MAX_PREFIX_TREE_CELLS"]
+__all__ = ["Lattice", "MAX_PREFIX_TREE_CELLS", "joint_lattice", "lift_to_joint"]
 
 MAX_PREFIX_TREE_CELLS = 1 << 24
 """Largest ``S·A`` a prefix tree may have (16,777,216 cells per decision)."""
@@ -172,25 +173,27 @@ class Lattice:
 
     # -- states of paths ------------------------------------------------------------------------
 
-    def initial_state(self, prompt=None) -> jax.Array:
+    def initial_state(self, prompt=None, *, trusted: bool = False) -> jax.Array:
         """The state before the first decision, int32 ``[...]`` for a prompt ``[..., P]``.
 
         A prefix tree ignores the prompt; the others run δ over its tokens from ``initial``.
+        The prompt is validated unless ``trusted`` (already validated at a public door) or
+        traced.
         """
         if prompt is None:
             return jnp.asarray(self.initial, jnp.int32)
-        if not isinstance(prompt, jax.core.Tracer):
+        if not (trusted or isinstance(prompt, jax.core.Tracer)):
             prompt = self.space.validate_prompt(prompt)
         prompt = jnp.asarray(prompt, jnp.int32)
         if self.kind == "product":
-            first, second = (f.initial_state(prompt) for f in self.factors)
+            first, second = (f.initial_state(prompt, trusted=True) for f in self.factors)
             return first * self.factors[1].num_states + second
         start = jnp.full(prompt.shape[:-1], self.initial, jnp.int32)
         if not self.reads_prompt:
             return start
         return _run(jnp.asarray(self.delta), start, prompt)[1]
 
-    def states(self, tokens, prompt=None) -> jax.Array:
+    def states(self, tokens, prompt=None, *, trusted: bool = False) -> jax.Array:
         """The state before each decision, int32 ``[..., T]``: ``s_0 = initial_state(prompt)``,
         ``s_{t+1} = δ(s_t, y_t)``; after EOS the state stays put (those positions carry no reward).
 
@@ -198,9 +201,10 @@ class Lattice:
             tokens: int ``[..., T]``; ids outside ``[0, A)`` are read as 0 here (callers that
                 score paths give them −∞).
             prompt: optional int ``[..., P]`` (broadcast against the batch of ``tokens``).
+            trusted: the prompt was already validated (internal calls).
         """
         tokens = _token_array(tokens, self.space)
-        start = self.initial_state(prompt)
+        start = self.initial_state(prompt, trusted=trusted)
         batch = jnp.broadcast_shapes(start.shape, tokens.shape[:-1])
         start = jnp.broadcast_to(start, batch)
         tokens = jnp.broadcast_to(tokens, (*batch, tokens.shape[-1]))
@@ -208,7 +212,7 @@ class Lattice:
 
     # -- tables -------------------------------------------------------------------------------
 
-    def path_scores(self, table, tokens, prompt=None) -> jax.Array:
+    def path_scores(self, table, tokens, prompt=None, *, trusted: bool = False) -> jax.Array:
         """``table[t, s_t, y_t]`` along each path, float ``[..., T]``; 0 after the first EOS.
 
         Summed over t this is ``R_r(y)`` for local rewards, or ``log p_q(y)`` for normalised
@@ -219,6 +223,7 @@ class Lattice:
                 (``B`` broadcast against the batch of ``tokens``).
             tokens: int ``[..., T]``.
             prompt: optional int ``[..., P]``.
+            trusted: the prompt was already validated (internal calls).
         """
         space = self.space
         T, S, A = space.horizon, self.num_states, space.num_actions
@@ -230,21 +235,9 @@ class Lattice:
             )
         tokens = _token_array(tokens, space)
         safe = jnp.where((tokens >= 0) & (tokens < A), tokens, 0)
-        states = self.states(safe, prompt)
-        if table.ndim == 2:
-            scores = table[states, safe]
-        elif table.ndim == 3:
-            scores = table[jnp.arange(T), states, safe]
-        else:  # one flat gather per entry: table[b, t, s_t, y_t] with b the entry's batch index
-            batch = table.shape[:-3]
-            lead = jnp.broadcast_shapes(states.shape[:-1], batch)
-            positions = jnp.broadcast_to(jnp.arange(T), (*lead, T))
-            flat_index = (positions * S + jnp.broadcast_to(states, (*lead, T))) * A
-            flat_index = flat_index + jnp.broadcast_to(safe, (*lead, T))
-            flat = table.reshape((1,) * (len(lead) - len(batch)) + (*batch, T * S * A))
-            scores = jnp.take_along_axis(flat, flat_index, axis=-1)
-            tokens = jnp.broadcast_to(tokens, (*lead, T))
-        return space.after_eos(tokens, scores)
+        states = self.states(safe, prompt, trusted=trusted)
+        scores = path_entries(table, states, safe)
+        return space.after_eos(jnp.broadcast_to(tokens, scores.shape), scores)
 
     def lift(self, table, factor: int):
         """A table ``[..., S_i, A]`` on factor ``i`` of a product, as a table on the product."""
@@ -319,3 +312,35 @@ def _run(delta: jax.Array, start: jax.Array, tokens: jax.Array):
 
     final, before = jax.lax.scan(step, start, jnp.moveaxis(tokens, -1, 0))
     return jnp.moveaxis(before, 0, -1), final
+
+
+def joint_lattice(lattices) -> Lattice:
+    """The product ``((L_0 × L_1) × L_2) × ...`` of the distinct lattices (by identity) of
+    ``lattices``, in order of first appearance; a single lattice is its own joint lattice."""
+    distinct = _distinct(lattices)
+    joint = distinct[0]
+    for lat in distinct[1:]:
+        joint = joint.product(lat)
+    return joint
+
+
+def lift_to_joint(joint: Lattice, lattices, lat: Lattice, table) -> jax.Array:
+    """A table ``[..., S_lat, A]`` on ``lat`` as a table on ``joint = joint_lattice(lattices)``."""
+    distinct = _distinct(lattices)
+    position = next(i for i, seen in enumerate(distinct) if seen is lat)
+    chain = [joint]  # J_n, J_{n-1}, ..., J_0 = L_0
+    while len(chain) < len(distinct):
+        chain.append(chain[-1].factors[0])
+    chain.reverse()
+    out = table if position == 0 else chain[position].lift(table, 1)
+    for product in chain[position + 1 :]:
+        out = product.lift(out, 0)
+    return out
+
+
+def _distinct(lattices) -> list[Lattice]:
+    out = []
+    for lat in lattices:
+        if all(lat is not seen for seen in out):
+            out.append(lat)
+    return out

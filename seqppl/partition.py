@@ -11,13 +11,19 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from seqppl.checks import check_choice, check_level
+from seqppl.distributions import EBM
 from seqppl.estimate import PartitionEstimate, check_sampler
-from seqppl.importance import importance_sampling
+from seqppl.importance import DRAWS_PER_CHUNK, importance_sampling
 from seqppl.smc import sequential_monte_carlo
 
-__all__ = ["log_partition", "METHODS"]
+__all__ = ["log_partition", "METHODS", "MONTE_CARLO_ALIASES"]
 
 METHODS = ("exact", "is", "smc")
+"""The estimators of ``log Z``; ``"is"`` is importance sampling."""
+MONTE_CARLO_ALIASES = {"mc": "is"}
+"""``"mc"`` (the distillation report's name for its Monte Carlo mode) is accepted for ``"is"``;
+``"is"`` is canonical here, ``"mc"`` in ``distillation_error`` and ``distill(evaluate=)``."""
 
 
 def log_partition(
@@ -31,7 +37,7 @@ def log_partition(
     target_samples="auto",
     min_ess_fraction: float = 0.01,
     max_kept: int = 100_000,
-    chunk_size: int = 1 << 15,
+    chunk_size: int = DRAWS_PER_CHUNK,
     defensive: float = 0.0,
     defensive_proposal=None,
     progress: bool | None = None,
@@ -49,10 +55,10 @@ def log_partition(
 
     Args:
         ebm: the ``EBM``.
-        method: ``"exact"``, ``"is"`` or ``"smc"``.
+        method: ``"exact"``, ``"is"`` (canonical; ``"mc"`` is accepted) or ``"smc"``.
         proposal: an ``ARM`` over the same space and prompt (``"is"``/``"smc"``).
         num_samples: draws (IS) or particles over all replicates (SMC), at least 2.
-        key: a ``jax.random.key`` (``"is"``/``"smc"``).
+        key: a PRNG key, ``jax.random.key(n)`` or ``jax.random.PRNGKey(n)`` (``"is"``/``"smc"``).
         level: coverage of ``interval`` (normal on the log scale).
         target_samples: for the EUBO: ``"auto"`` (exact draws from a lattice or enumerable EBM),
             ``None``, or int ``[M, T]`` exact draws you have.
@@ -95,16 +101,16 @@ def log_partition(
         >>> round(est.log_z, 4), round(float(ebm.log_partition()), 4)  # 4 + 4 log 3
         (8.3944, 8.3944)
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    method = check_choice("method", method, METHODS, MONTE_CARLO_ALIASES)
+    level = check_level(level)
+    if not isinstance(ebm, EBM):
+        raise TypeError(f"ebm must be an EBM, got {type(ebm).__name__}")
     if method == "exact":
         log_z = float(np.asarray(ebm.log_partition()).reshape(()))
         return PartitionEstimate(
             log_z, 0.0, (log_z, log_z), float("nan"), float("nan"), None, None, 0, "exact", level
         )
-    check_sampler(ebm, proposal, num_samples, key, max_kept)
+    key = check_sampler(ebm, proposal, num_samples, key, max_kept)
     if defensive_proposal is not None and not (method == "is" and defensive > 0):
         raise ValueError("defensive_proposal needs method='is' and defensive > 0")
     key, target_key = jax.random.split(key)  # the EUBO's exact draws: an independent stream

@@ -19,14 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["check_mesh", "batch_sharding", "shard_batch", "replicate", "to_host"]
-
-
-def check_mesh(mesh) -> Mesh | None:
-    """``mesh`` itself (None: one device); ``TypeError`` for anything but a ``Mesh``."""
-    if mesh is not None and not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
-    return mesh
+__all__ = ["batch_sharding", "shard_batch", "replicate", "to_host"]
 
 
 def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:

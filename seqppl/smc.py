@@ -28,20 +28,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.bellman import soft_values
+from seqppl.checks import check_choice, check_counts, check_mesh, check_number
 from seqppl.diagnostics import kish_ess, weight_warnings
+from seqppl.distributions import ExactRoute
 from seqppl.distributions.ancestral import draw_step
 from seqppl.estimate import (
+    DefensiveMixture,
     PartitionEstimate,
-    Proposal,
     check_proposal_covers,
     eubo,
     mean_and_stderr,
     normal_interval,
 )
 from seqppl.logspace import logsumexp, softmax
-from seqppl.sharding import check_mesh, shard_batch, to_host
+from seqppl.sharding import shard_batch, to_host
 
-__all__ = ["sequential_monte_carlo", "RESAMPLING"]
+__all__ = ["sequential_monte_carlo", "resample", "RESAMPLING"]
 
 RESAMPLING = ("multinomial", "stratified", "systematic")
 
@@ -67,12 +69,9 @@ def sequential_monte_carlo(
     runs of ``num_samples // num_replicates`` particles, pooled as ``log mean_r Ẑ_r``; with a
     ``mesh`` the replicates are split over its devices (no communication between them)."""
     check_mesh(mesh)
-    if resampling not in RESAMPLING:
-        raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
-    if not 0.0 <= ess_threshold <= 1.0:
-        raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold!r}")
-    if not isinstance(num_replicates, int) or num_replicates < 2:
-        raise ValueError(f"num_replicates must be an int >= 2, got {num_replicates!r}")
+    resampling = check_choice("resampling", resampling, RESAMPLING)
+    ess_threshold = check_number("ess_threshold", ess_threshold, 0, 1, "[]")
+    check_counts(("num_replicates", num_replicates, 2))
     particles = num_samples // num_replicates
     if particles < 2:
         raise ValueError(
@@ -80,13 +79,14 @@ def sequential_monte_carlo(
             f"(num_replicates={num_replicates}); need at least 2"
         )
     _check_twist(ebm, twist)
-    check_proposal_covers(ebm, Proposal(proposal))
+    check_proposal_covers(ebm, DefensiveMixture(proposal))
     keys = jax.random.split(jax.random.fold_in(key, 1), num_replicates)
     out = _run(ebm, proposal, keys, ess_threshold, twist, particles, resampling, mesh)
     out = {name: to_host(value) for name, value in out.items()}
     log_w = np.asarray(out["log_w"], np.float64)  # [R, P], each row carries log Ẑ_r's prefix
     if np.isnan(log_w).any():
-        raise ValueError("a weight is NaN: the twist returned NaN or +inf")
+        culprit = "the EBM's reward" if twist is None else "the EBM's reward or the twist"
+        raise ValueError(f"an SMC weight is NaN: {culprit} gave NaN or +∞ on a particle")
     log_z_r = logsumexp(jnp.asarray(log_w), 1) - np.log(particles)
     log_z_r = np.asarray(log_z_r, np.float64)
     log_z, stderr = _pooled(log_z_r)
@@ -94,7 +94,9 @@ def sequential_monte_carlo(
     total = particles * num_replicates
     messages = weight_warnings(float("nan"), ess, total, min_ess_fraction, "SMC final weights")
     lower, lower_stderr = mean_and_stderr(log_z_r)
-    upper, upper_stderr = eubo(ebm, Proposal(proposal), target_samples, num_samples, target_key)
+    upper, upper_stderr = eubo(
+        ebm, DefensiveMixture(proposal), target_samples, num_samples, target_key
+    )
     return PartitionEstimate(
         log_z=log_z,
         stderr=stderr,
@@ -145,7 +147,7 @@ def _check_twist(ebm, twist) -> None:
     if isinstance(twist, str):
         if twist != "exact":
             raise ValueError(f"twist must be None, 'exact' or a callable, got {twist!r}")
-        if not ebm.is_lattice:
+        if ebm.exact_route is not ExactRoute.DYNAMIC_PROGRAM:
             raise ValueError(
                 "twist='exact' needs an EBM whose parts are all lattice tables; pass a learned "
                 "twist_fn(tokens) -> [P, T] instead"
@@ -163,9 +165,9 @@ def _twist(ebm, twist) -> _Twist:
         )
     if twist == "exact":
         joint, table = ebm.joint, ebm.reward_table()
-        values, delta = soft_values(joint, table), jnp.asarray(joint.delta)
-        start = joint.initial_state(ebm.prompt)
-        eos = ebm.space.eos_id if ebm.space.eos else -1
+        values, delta = soft_values(joint, table, trusted=True), jnp.asarray(joint.delta)
+        start = joint.initial_state(ebm.prompt, trusted=True)
+        eos = ebm.space.eos_sentinel
         horizon = ebm.space.horizon
 
         def update(state, tokens, token, done, log_pi, t):
@@ -183,7 +185,7 @@ def _twist(ebm, twist) -> _Twist:
     )
 
 
-def _resample(key, log_w, scheme: str):
+def resample(key, log_w, scheme: str):
     """Ancestor indices ``[P]`` with probabilities ``softmax(log_w)``; zero-weight particles are
     never chosen (a uniform rounded up to the total is clipped to the last positive weight)."""
     p = log_w.shape[0]
@@ -226,7 +228,7 @@ def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None):
     space = ebm.space
     twist = _twist(ebm, twist_spec)
     dtype = jnp.result_type(float)
-    horizon, eos = space.horizon, (space.eos_id if space.eos else -1)
+    horizon, eos = space.horizon, space.eos_sentinel
 
     def one(key):
         decoder_state, next_logits, advance = proposal.decoder((p,))
@@ -250,7 +252,7 @@ def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None):
             if final:
                 return (dec, tw, tokens, done, log_w, phi, log_z), (ess, jnp.array(False))
             redo = ess < ess_threshold * p
-            index = jnp.where(redo, _resample(resample_key, log_w, scheme), jnp.arange(p))
+            index = jnp.where(redo, resample(resample_key, log_w, scheme), jnp.arange(p))
             dec, tw, tokens, done, phi = _gather((dec, tw, tokens, done, phi), index, p)
             log_z = log_z + jnp.where(redo, logsumexp(log_w, 0) - jnp.log(p), 0.0).astype(dtype)
             all_dead = jnp.all(log_w == -jnp.inf)  # Ẑ_r = 0: a valid outcome, kept as −∞

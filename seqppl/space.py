@@ -15,10 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SequenceSpace", "MAX_ENUMERATE"]
+__all__ = ["SequenceSpace", "MAX_ENUMERATE", "SMALL_SPACE", "ENUMERATION_CHUNK"]
 
 MAX_ENUMERATE = 1 << 22
 """Largest number of sequences ``SequenceSpace.enumerate`` materialises (4,194,304)."""
+SMALL_SPACE = 1 << 16
+"""Spaces of up to this many sequences (65,536) are enumerated wherever exactness is cheap: the
+check that a proposal covers the target's support, exact distillation gradients and exact
+evaluation reports."""
+ENUMERATION_CHUNK = 4096
+"""Sequences scored at once wherever a space is enumerated (log Z, exact risks, reports)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,12 @@ class SequenceSpace:
         return self.vocab_size if self.eos else None
 
     @property
+    def eos_sentinel(self) -> int:
+        """The EOS id, or −1 (an id no token has) in a fixed-length space: ``tokens ==
+        space.eos_sentinel`` marks where a response ends in either kind of space."""
+        return self.vocab_size if self.eos else -1
+
+    @property
     def num_sequences(self) -> int:
         """``V^T`` (fixed length) or ``sum_{k<=L} V^k = (V^T - 1)/(V - 1)`` (variable length)."""
         V, L = self.vocab_size, self.length
@@ -81,6 +93,10 @@ class SequenceSpace:
         if self.eos:
             mask[-1, : self.vocab_size] = False
         return mask
+
+    def continuing_actions(self) -> np.ndarray:
+        """bool ``[A]``: the actions after which a response goes on (every action but EOS)."""
+        return np.arange(self.num_actions) != self.eos_sentinel
 
     def active(self, tokens) -> jax.Array:
         """Positions that count, bool ``[..., T]``: up to and including the first EOS."""
@@ -99,7 +115,7 @@ class SequenceSpace:
         tokens = jnp.asarray(tokens)
         in_range = (tokens >= 0) & (tokens < self.num_actions)
         active = self.active(tokens)
-        padding_ok = active | (tokens == (self.eos_id if self.eos else -1))
+        padding_ok = active | (tokens == self.eos_sentinel)
         return jnp.where(in_range & padding_ok, jnp.where(active, scores, 0), -jnp.inf)
 
     def mask_logits(self, logits, table: bool = False) -> jax.Array:

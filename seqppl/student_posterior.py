@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from seqppl.distillation_report import DistillationReport
+from seqppl.checks import check_choice
+from seqppl.report import DistillationReport
 
 __all__ = ["distillation_posterior", "student_summary", "METRICS"]
 
@@ -69,8 +70,7 @@ def student_summary(tree, metric: str = "kl_reverse"):
     the spread that Monte Carlo error does not explain); a pandas ``DataFrame``."""
     import pandas as pd
 
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    metric = check_choice("metric", metric, METRICS)
     values = tree["posterior"][metric]
     stderr = tree["sample_stats"][f"{metric}_stderr"]
     rows = {}

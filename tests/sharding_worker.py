@@ -21,6 +21,7 @@ jax.config.update("jax_enable_x64", True)
 
 import seqppl as sp  # noqa: E402
 from seqppl import importance, train  # noqa: E402
+from seqppl.estimate import DefensiveMixture  # noqa: E402
 
 
 def main() -> dict:
@@ -42,8 +43,8 @@ def main() -> dict:
             "stderr": [r.stderr for r in runs],
             "same_samples": bool(np.array_equal(runs[0].samples, runs[1].samples)),
         }
-    tokens, _, _ = importance._chunk(
-        ebm, importance.Proposal(arm), key, 1000, 1000, mesh
+    tokens, _, _ = importance.importance_chunk(
+        ebm, DefensiveMixture(arm), key, 1000, 1000, mesh
     )  # an uneven split: 250 per device
     out["is_shards"] = [list(s.data.shape) for s in tokens.addressable_shards]
     out["is_devices"] = sorted(s.device.id for s in tokens.addressable_shards)

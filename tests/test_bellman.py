@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqppl as sp
-from seqppl.bellman import METHODS
+from seqppl.bellman import SCHEDULES
 
 from . import oracles
 from .strategies import arm_tables, assert_close, lattices, problems, prompts, spaces, tolerance
@@ -75,7 +75,7 @@ def test_parallel_in_time_dp_equals_the_sequential_scan(problem, homogeneous_ref
         return sp.soft_values(lat, table, reference, method=method)[0, start]
 
     if np.isfinite(log_z(r, "sequential")):
-        grads = [jax.grad(log_z)(r, method) for method in METHODS]
+        grads = [jax.grad(log_z)(r, method) for method in SCHEDULES]
         assert_close(grads[1], grads[0], rtol, "occupancy")
     with pytest.raises(ValueError, match="method must be one of"):
         sp.soft_values(lat, r, method="pallas")

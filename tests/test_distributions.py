@@ -374,7 +374,7 @@ def test_cached_step_protocol_samples_like_reevaluation():
 @pytest.mark.parametrize("cdf", ["matmul", "cumsum"])
 def test_inverse_cdf_draws_match_the_row_and_never_zero_mass(dtype, scale, cdf):
     """Both cumulative forms: the sampler's triangular matmul and a table ARM's cumsum."""
-    from seqppl.distributions.ancestral import _inverse_cdf, cumulative_probs
+    from seqppl.distributions.ancestral import cumulative_probs, inverse_cdf
 
     rng = np.random.default_rng(int(scale))
     logits = rng.standard_normal((3, 6)) * (1.0 if scale == 1.0 else 0.0)
@@ -384,7 +384,7 @@ def test_inverse_cdf_draws_match_the_row_and_never_zero_mass(dtype, scale, cdf):
     n = 20_000
     cumulative = cumulative_probs(log_p) if cdf == "matmul" else jnp.cumsum(jnp.exp(log_p), -1)
     rows = [jnp.broadcast_to(x, (n, 3, 6)) for x in (log_p, cumulative)]
-    draws = np.asarray(_inverse_cdf(jax.random.key(3), *rows))
+    draws = np.asarray(inverse_cdf(jax.random.key(3), *rows))
     assert not np.isin(draws, [1, 4]).any()
     for row in range(3):
         counts = np.bincount(draws[:, row], minlength=6)

@@ -204,7 +204,7 @@ def test_reproduce_resumes_an_interrupted_run(tmp_path, monkeypatch):
         "progress": False,
     }
     straight = paper.reproduce(**kwargs)
-    real_metrics = paper._distance_metrics
+    real_metrics = paper.distance_metrics
     calls, interrupt_at = [], [4]
 
     def counted(*args):
@@ -218,7 +218,7 @@ def test_reproduce_resumes_an_interrupted_run(tmp_path, monkeypatch):
 
         return metrics_or_interrupt
 
-    monkeypatch.setattr(paper, "_distance_metrics", counted)
+    monkeypatch.setattr(paper, "distance_metrics", counted)
     with pytest.raises(KeyboardInterrupt):
         paper.reproduce(**kwargs, out=tmp_path)
     assert not (tmp_path / "metrics.csv").exists()
@@ -234,3 +234,16 @@ def test_reproduce_resumes_an_interrupted_run(tmp_path, monkeypatch):
         assert "resumed from" in (tmp_path / "summary.md").read_text()
     with pytest.raises(CheckpointError, match=r"other settings .*'lr': \(0.01, 0.5\)"):
         paper.reproduce(**{**kwargs, "lr": 0.5}, out=tmp_path)
+
+
+def test_repetition_penalty_reads_the_vocabulary_of_its_space():
+    """Regression: it assumed vocab_size=10, so in a 4-token space EOS padding (id 4) counted
+    as repeated tokens."""
+    from seqppl.models.tasks import repetition_penalty
+
+    space = sp.SequenceSpace(4, 4, eos=True)
+    reward = repetition_penalty(space, penalty=0.5)
+    tokens = jnp.array([[1, 1, 4, 4, 4], [0, 1, 0, 1, 4], [2, 2, 2, 4, 4]])
+    np.testing.assert_allclose(reward(tokens), [-0.5, 0.0, -1.0])
+    with pytest.raises(TypeError, match="space must be a SequenceSpace"):
+        repetition_penalty(4)

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh
 
 import seqppl as sp
-from seqppl import sharding
+from seqppl import checks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_data_parallel_training_equals_the_single_device_run(results, objective)
 
 def test_mesh_must_be_a_mesh():
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
-        sharding.check_mesh("cpu")
+        checks.check_mesh("cpu")
     space = sp.SequenceSpace(2, 2, eos=False)
     lat = sp.Lattice.markov(space, 0)
     ebm = sp.EBM.from_table(lat, np.zeros((1, 2)))

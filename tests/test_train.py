@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqppl as sp
-from seqppl import train
+from seqppl import loop, train
 
 from . import oracles
 from .strategies import arm_tables, assert_close, spaces, tolerance
@@ -135,7 +135,7 @@ def _run(tmp_path, interrupt_at=None):
     if interrupt_at is None:
         return train.fit(_tabular("arm"), **kwargs)
 
-    real = train.tqdm
+    real = loop.tqdm
 
     class Interrupting(real):  # Ctrl-C arrives right after step ``interrupt_at`` finishes
         done = 0
@@ -146,14 +146,14 @@ def _run(tmp_path, interrupt_at=None):
             if Interrupting.done == interrupt_at:
                 raise KeyboardInterrupt
 
-    with mock.patch.object(train, "tqdm", Interrupting), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(loop, "tqdm", Interrupting), pytest.raises(KeyboardInterrupt):
         train.fit(_tabular("arm"), **kwargs)
 
 
 def test_interrupt_then_resume_is_bit_identical(tmp_path):
     straight, history = _run(tmp_path / "straight")
     _run(tmp_path / "resumed", interrupt_at=33)  # Ctrl-C after step 33: checkpoint at 33
-    state = train._load(tmp_path / "resumed" / train.CHECKPOINT_NAME, mock.ANY)
+    state = loop.load_checkpoint(tmp_path / "resumed" / loop.CHECKPOINT_NAME, None)
     assert state["step"] == 33 and state["history"]["step"][-1] == 30
     resumed, resumed_history = _run(tmp_path / "resumed")
     np.testing.assert_array_equal(np.asarray(resumed.params), np.asarray(straight.params))
@@ -181,8 +181,41 @@ def test_corrupted_checkpoint_is_refused_and_the_previous_kept(tmp_path):
         )
 
 
+def test_a_checkpoint_of_another_run_of_the_same_shapes_is_refused_naming_what_differs(tmp_path):
+    """Regression: the fingerprint covered shapes only, so another target, other initial
+    parameters or another learning rate resumed a foreign checkpoint silently."""
+    kwargs = dict(steps=8, key=jax.random.key(0), checkpoint_dir=tmp_path, progress=False)
+    arm = _tabular("arm")
+    train.fit(arm, target=LOG_RHO, **kwargs)
+    other_target = jnp.log(jax.nn.softmax(jnp.arange(LOG_RHO.size, dtype=float)))
+    changes = {
+        "target": dict(dist=arm, target=other_target),
+        "initial parameters": dict(dist=arm.with_params(arm.params + 0.1), target=LOG_RHO),
+        "optimizer": dict(dist=arm, target=LOG_RHO, learning_rate=3e-2),
+        "key": dict(dist=arm, target=LOG_RHO, key=jax.random.key(1)),
+    }
+    for name, change in changes.items():
+        options = {**kwargs, **change}
+        with pytest.raises(loop.CheckpointError, match=rf"\({name} differ\)"):
+            train.fit(options.pop("dist"), **options)
+    resumed, _ = train.fit(arm, target=LOG_RHO, **kwargs)  # the same run resumes (finished)
+    assert resumed.params.shape == arm.params.shape
+
+
+def test_keys_of_both_kinds_are_accepted_and_others_refused():
+    arm = _tabular("arm")
+    legacy, _ = train.fit(arm, target=LOG_RHO, steps=3, key=jax.random.PRNGKey(0), progress=False)
+    typed, _ = train.fit(arm, target=LOG_RHO, steps=3, key=jax.random.key(0), progress=False)
+    np.testing.assert_array_equal(legacy.params, typed.params)
+    for bad in (0, np.zeros(2), jax.random.split(jax.random.key(0), 2)):
+        with pytest.raises(TypeError, match="key must be one PRNG key"):
+            train.fit(arm, target=LOG_RHO, steps=1, key=bad, progress=False)
+
+
 def test_bad_arguments():
     arm = _tabular("arm")
+    with pytest.raises(ValueError, match="learning_rate must be a number"):
+        train.fit(arm, target=LOG_RHO, steps=1, key=jax.random.key(0), learning_rate=np.nan)
     with pytest.raises(ValueError, match="exactly one"):
         train.fit(arm, steps=1, key=jax.random.key(0))
     with pytest.raises(ValueError, match="steps"):

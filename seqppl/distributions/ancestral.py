@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from seqppl.logspace import log_softmax
 from seqppl.space import SequenceSpace
 
-__all__ = ["ancestral_sample", "draw_step", "cumulative_probs", "MATMUL_CDF_MAX"]
+__all__ = ["ancestral_sample", "draw_step", "cumulative_probs", "inverse_cdf", "MATMUL_CDF_MAX"]
 
 MATMUL_CDF_MAX = 256
 """Largest action count whose cumulative sums are taken by a triangular matmul."""
@@ -30,7 +30,7 @@ def ancestral_sample(key, shape, space: SequenceSpace, state, next_logits, advan
         next_logits: ``(state, t) -> float [*shape, A]``, the logits of decision ``t``.
         advance: ``(state, token [*shape], t) -> state``.
     """
-    T, eos = space.horizon, (space.eos_id if space.eos else -1)
+    T, eos = space.horizon, space.eos_sentinel
 
     def body(carry, inputs):
         state, done = carry
@@ -56,7 +56,7 @@ def draw_step(key, logits, t, done, space: SequenceSpace):
     previous cumulative value).
     """
     T, A = space.horizon, space.num_actions
-    eos = space.eos_id if space.eos else -1
+    eos = space.eos_sentinel
     if isinstance(logits, tuple):
         cumulative, log_prob_of = logits
         u = 1.0 - jax.random.uniform(key, cumulative.shape[:-1], dtype=cumulative.dtype)
@@ -66,7 +66,7 @@ def draw_step(key, logits, t, done, space: SequenceSpace):
     else:
         allowed = jnp.where(t == T - 1, jnp.asarray(space.action_mask()[-1]), jnp.ones((A,), bool))
         log_p = log_softmax(jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf))
-        token = jnp.where(done, eos, _inverse_cdf(key, log_p, cumulative_probs(log_p)))
+        token = jnp.where(done, eos, inverse_cdf(key, log_p, cumulative_probs(log_p)))
         step_log_p = jnp.take_along_axis(log_p, token[..., None], axis=-1)[..., 0]
     return token, jnp.where(done, jnp.zeros_like(step_log_p), step_log_p)
 
@@ -76,7 +76,7 @@ def cumulative_probs(log_p):
 
     For ``A ≤ MATMUL_CDF_MAX`` one matmul with a triangular matrix (4× faster than ``cumsum``
     on CPU; full float32 precision, never TF32); its rounding can break monotonicity by an ulp,
-    which ``_inverse_cdf`` tolerates."""
+    which ``inverse_cdf`` tolerates."""
     probs = jnp.exp(log_p - jnp.max(log_p, axis=-1, keepdims=True))
     num_actions = log_p.shape[-1]
     if num_actions > MATMUL_CDF_MAX:
@@ -85,7 +85,7 @@ def cumulative_probs(log_p):
     return jnp.matmul(probs, upper, precision=jax.lax.Precision.HIGHEST)
 
 
-def _inverse_cdf(key, log_p, cumulative):
+def inverse_cdf(key, log_p, cumulative):
     """One draw per row from one uniform per row: the first action with positive mass whose
     cumulative mass reaches ``u · top``, ``u ~ U(0, 1]``, ``top`` the largest cumulative mass
     of a positive action. ``A``-times fewer random numbers than the Gumbel-max trick of

@@ -1,6 +1,6 @@
-"""Exact conversions: ``to_ebm`` (M⁻¹, always) and ``to_arm`` (M, on lattices or small spaces).
+"""Exact conversions: ``to_ebm`` (M⁻¹, always) and ``to_arm`` (M, when the EBM has a route).
 
-THEORY §2: ``p_q = p_{R_r}`` for ``q = M(r)``, and ``V_q(x) = A(x)``.
+``p_q = p_{R_r}`` for ``q = M(r)``, and ``V_q(x) = A(x)`` (the theory page, the bijection).
 """
 
 from __future__ import annotations
@@ -11,21 +11,20 @@ import numpy as np
 from seqppl.bellman import inverse_soft_bellman, soft_bellman
 from seqppl.distributions.arm import ARM
 from seqppl.distributions.ebm import EBM
-from seqppl.distributions.support import batch_shape_of, map_over_batch
+from seqppl.distributions.parts import PathRewards
+from seqppl.distributions.routes import ExactRoute, NoExactARM
+from seqppl.distributions.support import map_over_batch
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
+from seqppl.tables import table_batch_shape
 
-__all__ = ["to_arm", "to_ebm", "NoExactARM"]
-
-
-class NoExactARM(ValueError):
-    """``to_arm`` has no exact route for this EBM (not a lattice, prefix tree too large)."""
+__all__ = ["to_arm", "to_ebm", "no_exact_arm_reason"]
 
 
 def to_ebm(arm: ARM) -> EBM:
     """The EBM with ``R = Σ_t r_t``, ``r = M⁻¹(q)``: the same distribution, ``A(x) = V_q(x)``.
 
     Table ARMs give a table EBM on the same lattice; any other ARM gives the path-wise M⁻¹
-    (one logits evaluation per sequence, ``path_rewards``).
+    (one logits evaluation per sequence, ``path_rewards``). Nothing is validated again.
 
     Example:
         >>> import jax.numpy as jnp
@@ -38,44 +37,62 @@ def to_ebm(arm: ARM) -> EBM:
     """
     if not isinstance(arm, ARM):
         raise TypeError(f"to_ebm takes an ARM, got {type(arm).__name__}")
-    if arm.lattice is not None:
-        lat = arm.lattice
-        r = map_over_batch(
-            lambda q, prompt: inverse_soft_bellman(lat, q, prompt=prompt),
-            arm.batch_shape if batch_shape_of(arm.params) else (),  # one table: one M⁻¹
-            arm.params,
-            arm.prompt,
-        )
-        return EBM.from_table(arm.lattice, r, arm.prompt, validate_args=arm._validate_args)
-    return EBM._build(arm.space, arm.prompt, [("path", 1.0, arm, None, None)], arm._validate_args)
+    if arm.lattice is None:
+        return EBM.from_parts((PathRewards(arm),), arm.space, arm.prompt, arm._validate_args)
+    lat = arm.lattice
+    r = map_over_batch(
+        lambda q, prompt: inverse_soft_bellman(lat, q, prompt=prompt, trusted=True),
+        arm.batch_shape if table_batch_shape(arm.params) else (),  # one table: one M⁻¹
+        arm.params,
+        arm.prompt,
+    )
+    return EBM.from_table(lat, r, arm.prompt, validate_args=arm._validate_args, trusted=True)
+
+
+def no_exact_arm_reason(ebm: EBM) -> str | None:
+    """Why ``to_arm(ebm)`` has no exact route, or None when it has one: the DP and ARM routes
+    always do; the enumeration route when the prefix tree fits ``MAX_PREFIX_TREE_CELLS`` and the
+    prompt is unbatched."""
+    route = ebm.exact_route
+    if route in (ExactRoute.DYNAMIC_PROGRAM, ExactRoute.ARM):
+        return None
+    space = ebm.space
+    tree_cells = sum(space.vocab_size**d for d in range(space.horizon)) * space.num_actions
+    if route is ExactRoute.ENUMERATION and tree_cells <= MAX_PREFIX_TREE_CELLS:
+        if not ebm.batch_shape:
+            return None
+        return "its prompt is batched (give one prompt at a time)"
+    return (
+        f"its parts are not all on lattices and its prefix tree is too large ({tree_cells} "
+        "cells); approximate it with sp.distill(ebm, student_arm, ...)"
+    )
 
 
 def to_arm(ebm: EBM) -> ARM:
-    """The ARM ``q = M(r)`` with ``p_q = p_R``: exact on lattice EBMs and enumerable spaces.
+    """The ARM ``q = M(r)`` with ``p_q = p_R``, along ``ebm.exact_route``.
 
-    Lattice EBMs: M on the product lattice of their parts. Otherwise, on spaces whose prefix tree
-    fits ``MAX_PREFIX_TREE_CELLS``: ``R(y)`` is put on each sequence's final action of the prefix
-    tree and M is applied there (unbatched prompts only).
+    DP route: M on the product lattice of the parts (computed once per EBM). ARM route: the ARM
+    the EBM came from. Enumeration route, on spaces whose prefix tree fits
+    ``MAX_PREFIX_TREE_CELLS`` (unbatched prompts): ``R(y)`` is put on each sequence's final
+    action of the prefix tree and M is applied there.
 
     Raises:
-        ValueError: neither applies; the message points to ``sp.distill``.
+        NoExactARM: (a ``ValueError``) no route; the message points to ``sp.distill``.
     """
     if not isinstance(ebm, EBM):
         raise TypeError(f"to_arm takes an EBM, got {type(ebm).__name__}")
-    if ebm.is_lattice:
-        table = ebm.reward_table()
-        q = map_over_batch(
-            lambda r, _: soft_bellman(ebm.joint, r)[0], batch_shape_of(table), table, None
-        )
-        return ARM.from_table(ebm.joint, q, ebm.prompt, validate_args=ebm._validate_args)
+    reason = no_exact_arm_reason(ebm)
+    if reason is not None:
+        raise NoExactARM(f"no exact ARM for this EBM: {reason}")
+    route = ebm.exact_route
+    if route is ExactRoute.DYNAMIC_PROGRAM:
+        return ARM.from_table(
+            ebm.joint, ebm.exact_logits(), ebm.prompt, validate_args=ebm._validate_args,
+            trusted=True,
+        )  # fmt: skip
+    if route is ExactRoute.ARM:
+        return ebm.parts[0].arm
     space = ebm.space
-    tree_cells = sum(space.vocab_size**d for d in range(space.horizon)) * space.num_actions
-    if tree_cells > MAX_PREFIX_TREE_CELLS or ebm.batch_shape:
-        raise NoExactARM(
-            "no exact ARM for this EBM: its parts are not all on lattices and its prefix tree is "
-            f"too large ({tree_cells} cells) or its prompt is batched; approximate it with "
-            "sp.distill(ebm, student_arm, ...)"
-        )
     tree = Lattice.prefix_tree(space)
     seqs = space.enumerate()
     last = np.asarray(space.active(seqs)).sum(-1) - 1  # index of each sequence's final action
@@ -85,5 +102,5 @@ def to_arm(ebm: EBM) -> ARM:
     r = r.at[last, states[rows, last], seqs[rows, last]].set(
         ebm.unnormalized_log_prob(jnp.asarray(seqs))
     )
-    q, _ = soft_bellman(tree, r)
-    return ARM.from_table(tree, q, ebm.prompt, validate_args=ebm._validate_args)
+    q, _ = soft_bellman(tree, r, trusted=True)
+    return ARM.from_table(tree, q, ebm.prompt, validate_args=ebm._validate_args, trusted=True)

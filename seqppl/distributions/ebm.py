@@ -1,43 +1,54 @@
 """EBM: an energy-based model ``p_R(y | x) = exp(R(x, y) − A(x))`` as a NumPyro distribution.
 
-An EBM is a sum of parts, each a sequence reward: a local-reward table on a lattice, an ARM's
-``log p`` (a tilt's reference), a user ``reward_fn``, a DFA constraint (0 or −∞, never scaled), or
-the path-wise M⁻¹ of a callable ARM. ``R = Σ_i scale_i · R_i``. When every part lives on a lattice
-the parts are lifted to the product lattice and ``A(x)`` is one dynamic program (THEORY §2);
-otherwise it is a chunked enumeration of an enumerable space, or an error naming the estimators.
+An EBM is a sum of typed parts (``seqppl.distributions.parts``): local-reward tables on lattices,
+DFA constraints, a reference ARM's ``log p`` (a tilt), the path-wise M⁻¹ of a callable ARM, user
+reward functions. ``R = Σ_i scale_i · R_i``. The EBM asks its parts once which exact route it has
+(``exact_route``): one dynamic program on the product of their lattices, the ARM it came from,
+a chunked enumeration of the space, or none; ``log_partition``, ``sample``, ``to_arm`` and every
+estimator and trainer follow that one answer.
 """
 
 from __future__ import annotations
 
-import copy
+from functools import cached_property
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from numpyro.distributions import Distribution
 
-from seqppl.bellman import _check_table, path_rewards, soft_values
-from seqppl.distributions.arm import ARM
+from seqppl.bellman import soft_bellman, soft_values
+from seqppl.checks import check_key, check_same_space, refuse_invalid
+from seqppl.distributions.ancestral import ancestral_sample
+from seqppl.distributions.logits import TableLogits
 from seqppl.distributions.nnx import NNXFunction, module_params
+from seqppl.distributions.parts import (
+    Constraint,
+    PathRewards,
+    ReferenceLogProb,
+    RewardFunction,
+    RewardTable,
+    weighted,
+)
+from seqppl.distributions.routes import AttachedLogZ, ExactRoute, NoExactRoute
 from seqppl.distributions.support import (
     SequenceSupport,
     batch_shape_of,
     checked_prompt,
     enumerate_sequences,
+    map_in_chunks,
     map_over_batch,
 )
-from seqppl.lattice import Lattice
-from seqppl.logspace import first_nan_or_pos_inf, logsumexp
-from seqppl.space import MAX_ENUMERATE, SequenceSpace
+from seqppl.lattice import Lattice, joint_lattice, lift_to_joint
+from seqppl.logspace import logsumexp
+from seqppl.space import ENUMERATION_CHUNK, MAX_ENUMERATE, SequenceSpace
+from seqppl.tables import check_table, per_decision, table_batch_shape
 
 __all__ = ["EBM"]
 
-ENUMERATION_CHUNK = 4096
-"""Sequences scored at once by the chunked enumeration of ``log_partition``."""
-
 
 class EBM(Distribution):
-    """Energy-based sequence distribution; ``event_shape = (T,)``, batch shape from the prompt.
+    """Energy-based sequence distribution; ``event_shape = (T,)``, batch shape from the prompt
+    and the parts.
 
     Args:
         reward_fn: ``reward_fn(tokens [..., T]) -> R [...]`` (``reward_fn(params, tokens)`` with
@@ -57,25 +68,31 @@ class EBM(Distribution):
 
     arg_constraints = {}
     has_enumerate_support = False
-    pytree_data_fields = ("scales", "payloads", "prompt", "log_z_override")
-    pytree_aux_fields = ("space", "kinds", "lattices", "fns", "joint", "log_partition_source")
+    pytree_data_fields = ("parts", "prompt", "attached")
+    pytree_aux_fields = ("space",)
 
     def __init__(
         self, reward_fn, space: SequenceSpace, prompt=None, *, params=None, validate_args=None
     ):
         if not callable(reward_fn):
             raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
-        self._setup(space, prompt, [("fn", 1.0, params, None, reward_fn)], validate_args)
+        prompt = checked_prompt(space, prompt)
+        self._setup(space, prompt, (RewardFunction(reward_fn, params),), validate_args)
 
     @classmethod
-    def from_table(cls, lat: Lattice, r, prompt=None, *, validate_args=None) -> EBM:
+    def from_table(
+        cls, lat: Lattice, r, prompt=None, *, validate_args=None, trusted: bool = False
+    ) -> EBM:
         """Local rewards ``r`` on a lattice: ``R = Σ_t r[t, s_t, y_t]``; ``r`` is ``[S, A]``,
         ``[T, S, A]`` or a batch ``[*B, T, S, A]`` (batch shape: ``B`` broadcast with the prompt's).
 
-        ``log_partition`` is then one DP; ``sample`` and ``to_arm`` use M.
+        ``log_partition`` is then one DP; ``sample`` and ``to_arm`` use M. ``trusted``: ``r`` and
+        ``prompt`` were already validated (internal conversions).
         """
-        r = _check_table(lat, r, "r", batched=True)
-        return cls._build(lat.space, prompt, [("table", 1.0, r, lat, None)], validate_args)
+        if not trusted:
+            prompt = checked_prompt(lat.space, prompt)
+            r = check_table(lat, r, "r", batched=True)
+        return cls.from_parts((RewardTable(r, lat),), lat.space, prompt, validate_args)
 
     @classmethod
     def from_nnx(
@@ -88,51 +105,73 @@ class EBM(Distribution):
         return cls(reward_fn, space, prompt, params=params, validate_args=validate_args)
 
     @classmethod
-    def _build(cls, space, prompt, parts, validate_args=None, log_z=None, source="exact"):
+    def from_parts(cls, parts, space: SequenceSpace, prompt=None, validate_args=None) -> EBM:
+        """The EBM ``R = Σ_i scale_i · R_i`` of ``parts`` (``seqppl.distributions.parts``),
+        trusted as built: ``prompt`` is None or an already validated int32 ``[*batch, P]``."""
         self = cls.__new__(cls)
-        self._setup(space, prompt, parts, validate_args, log_z, source)
+        self._setup(space, prompt, tuple(parts), validate_args)
         return self
 
-    def _setup(self, space, prompt, parts, validate_args, log_z=None, source="exact"):
-        prompt = checked_prompt(space, prompt)
-        self.space, self.prompt = space, prompt
-        self.kinds = tuple(p[0] for p in parts)
-        self.scales = tuple(p[1] for p in parts)
-        self.payloads = tuple(p[2] for p in parts)
-        self.lattices = tuple(p[3] for p in parts)
-        self.fns = tuple(p[4] for p in parts)
-        self.joint = _joint_lattice(self.lattices) if self.is_lattice else None
-        self.log_z_override, self.log_partition_source = log_z, source
-        batch = batch_shape_of(
-            None,
-            prompt,
-            *(_part_batch(k, p) for k, p in zip(self.kinds, self.payloads, strict=True)),
-        )
-        super().__init__(batch, (space.horizon,), validate_args=validate_args)
+    @classmethod
+    def from_tilt(cls, arm, reward, scale=1.0) -> EBM:
+        """``p ∝ p_arm · exp(scale · R)``: ``reward`` an EBM (its parts scaled, hard parts
+        kept) or a ``reward_fn(tokens)``; ``scale`` stays data (differentiable under NUTS)."""
+        if isinstance(reward, EBM):
+            check_same_space("reward", reward.space, arm.space)
+            parts = tuple(part.scaled(scale) for part in reward.parts)
+            prompt = _common_prompt(arm.prompt, reward.prompt)
+        elif callable(reward):
+            parts, prompt = (RewardFunction(reward, None, scale),), arm.prompt
+        else:
+            raise TypeError(f"reward must be an EBM or a callable, got {type(reward).__name__}")
+        return cls.from_parts((ReferenceLogProb(arm), *parts), arm.space, prompt)
 
-    def _parts(self):
-        return list(
-            zip(self.kinds, self.scales, self.payloads, self.lattices, self.fns, strict=True)
-        )
+    def _setup(self, space, prompt, parts, validate_args, attached=None):
+        self.space, self.prompt, self.parts, self.attached = space, prompt, parts, attached
+        batch = batch_shape_of(None, prompt, *(part.batch_shape for part in parts))
+        super().__init__(batch, (space.horizon,), validate_args=validate_args)
 
     @property
     def support(self):
         return SequenceSupport(self.space)
 
+    # -- the exact route ---------------------------------------------------------------------
+
+    @cached_property
+    def exact_route(self) -> ExactRoute:
+        """How ``log Z``, samples and ``to_arm`` are computed exactly (``ExactRoute``)."""
+        if all(part.lattice is not None for part in self.parts):
+            return ExactRoute.DYNAMIC_PROGRAM
+        if len(self.parts) == 1 and isinstance(self.parts[0], PathRewards):
+            scale = self.parts[0].scale
+            if not isinstance(scale, jax.core.Tracer) and float(scale) == 1.0:
+                return ExactRoute.ARM
+        if self.space.num_sequences <= MAX_ENUMERATE:
+            return ExactRoute.ENUMERATION
+        return ExactRoute.NONE
+
     @property
     def is_lattice(self) -> bool:
         """True when every part lives on a lattice: exact log Z, M and sampling by DP."""
-        return all(lat is not None for lat in self.lattices)
+        return self.exact_route is ExactRoute.DYNAMIC_PROGRAM
+
+    @cached_property
+    def joint(self) -> Lattice | None:
+        """The product of the parts' distinct lattices (the DP route), else None."""
+        return joint_lattice([p.lattice for p in self.parts]) if self.is_lattice else None
 
     @property
     def params(self):
-        """The parameters: the payload of a single part, else the tuple of payloads."""
-        return self.payloads[0] if len(self.payloads) == 1 else self.payloads
+        """The parameters: those of a single part, else the tuple of every part's."""
+        payloads = tuple(part.params for part in self.parts)
+        return payloads[0] if len(payloads) == 1 else payloads
 
     def with_params(self, params) -> EBM:
         """The same EBM with new ``params`` (same structure as ``params``)."""
-        new = copy.copy(self)
-        new.payloads = (params,) if len(self.payloads) == 1 else tuple(params)
+        params = (params,) if len(self.parts) == 1 else tuple(params)
+        parts = tuple(part.with_params(p) for part, p in zip(self.parts, params, strict=True))
+        new = type(self).__new__(type(self))
+        new._setup(self.space, self.prompt, parts, self._validate_args, self.attached)
         return new
 
     # -- rewards ----------------------------------------------------------------------------
@@ -150,129 +189,114 @@ class EBM(Distribution):
         value = jnp.broadcast_to(value, (*lead, value.shape[-1]))
         ok = self.support(value)
         safe = jnp.where(ok[..., None], value, self.support.feasible_like(value)).astype(jnp.int32)
-        parts = [
-            self._part_reward(kind, payload, lat, fn, safe)
-            for kind, _, payload, lat, fn in self._parts()
-        ]
-        total = sum(
-            p if s is None else _scaled(s, p) for s, p in zip(self.scales, parts, strict=True)
-        )
+        total = sum(part.weighted_score(safe, self.prompt, self.space) for part in self.parts)
         return jnp.where(ok, total, -jnp.inf)
 
-    def _part_reward(self, kind, payload, lat, fn, tokens):
-        if kind in ("table", "constraint"):
-            return lat.path_scores(payload, tokens, self.prompt).sum(-1)
-        if kind == "arm":
-            return payload.log_prob(tokens)
-        if kind == "path":
-            return path_rewards(payload.logits(tokens), tokens, self.space).sum(-1)
-        args = (tokens,) if payload is None else (payload, tokens)
-        out = fn(*args) if self.prompt is None else fn(*args, prompt=self.prompt)
-        out = jnp.asarray(out)
-        if out.shape != tokens.shape[:-1]:
-            raise ValueError(f"reward_fn must return shape {tokens.shape[:-1]}, got {out.shape}")
-        _refuse_bad_rewards(out, "reward_fn returned")
-        return out
-
     def reward_table(self) -> jax.Array:
-        """Lattice EBMs: local rewards ``[*B, T, S, A]`` on ``self.joint`` (parts lifted and
-        summed; ``B`` the broadcast batch of the parts' tables, often empty)."""
+        """DP route: local rewards ``[*B, T, S, A]`` on ``self.joint`` (parts lifted and summed;
+        ``B`` the broadcast batch of the parts' tables, often empty)."""
         if not self.is_lattice:
-            raise ValueError("reward_table needs every part on a lattice")
+            raise NoExactRoute("reward_table needs every part on a lattice")
         T = self.space.horizon
-        tables = [
-            p.log_policy_table() if k == "arm" else p
-            for k, p in zip(self.kinds, self.payloads, strict=True)
-        ]
-        batch = batch_shape_of(None, None, *(jnp.shape(t)[:-3] for t in tables))
+        lattices = [part.lattice for part in self.parts]
+        tables = [per_decision(part.local_rewards(), T) for part in self.parts]
+        batch = batch_shape_of(None, None, *(table_batch_shape(t) for t in tables))
         total = 0
-        for (_, scale, _, lat, _), table in zip(self._parts(), tables, strict=True):
-            table = jnp.broadcast_to(table, (*batch, T, *jnp.shape(table)[-2:]))
-            table = _lift(self.joint, self.lattices, lat, table)
-            total = total + (table if scale is None else _scaled(scale, table))
+        for part, table in zip(self.parts, tables, strict=True):
+            table = jnp.broadcast_to(table, (*batch, *table.shape[-3:]))
+            table = lift_to_joint(self.joint, lattices, part.lattice, table)
+            total = total + (table if part.hard else weighted(part.scale, table))
         return total
+
+    def exact_logits(self) -> jax.Array:
+        """DP route: the ARM logits ``q = M(r)`` ``[*B, T, S, A]`` on ``self.joint``, computed
+        once per EBM (kept unless traced)."""
+        cached = self.__dict__.get("_exact_logits")
+        if cached is not None:
+            return cached
+        table, joint = self.reward_table(), self.joint
+        q = map_over_batch(
+            lambda r, _: soft_bellman(joint, r, trusted=True)[0],
+            table_batch_shape(table),
+            table,
+            None,
+        )
+        if not isinstance(q, jax.core.Tracer):
+            self.__dict__["_exact_logits"] = q
+        return q
 
     # -- normalisation ----------------------------------------------------------------------
 
     def log_partition(self) -> jax.Array:
         """``A(x) = log Σ_y exp R(x, y)`` ``[*batch]``, exact and differentiable.
 
-        By DP when every part is on a lattice, the root soft value for the path-wise M⁻¹ of a
-        callable ARM, by chunked enumeration on enumerable spaces; the estimate given to
-        ``with_log_partition`` if any (see ``log_partition_source``).
+        Follows ``exact_route``: one DP on the joint lattice, the root soft value of the ARM it
+        came from, or a chunked enumeration; the estimate given to ``with_log_partition`` if any
+        (see ``log_partition_source``).
 
         Raises:
-            ValueError: when none applies; the message names the estimators.
+            NoExactRoute: (a ``ValueError``) when there is no exact route; the message names
+                the estimators.
         """
-        if self.log_z_override is not None:
-            return self.log_z_override
-        if self.is_lattice:
+        if self.attached is not None:
+            return self.attached.log_z
+        route = self.exact_route
+        if route is ExactRoute.DYNAMIC_PROGRAM:
             table, joint = self.reward_table(), self.joint
+
+            def root_value(table, prompt):
+                values = soft_values(joint, table, trusted=True)
+                return values[0, joint.initial_state(prompt, trusted=True)]
+
             if table.ndim == 3:  # one DP serves every prompt
-                return soft_values(joint, table)[0, joint.initial_state(self.prompt)]
-            return map_over_batch(
-                lambda t, p: soft_values(joint, t)[0, joint.initial_state(p)],
-                self.batch_shape,
-                table,
-                self.prompt,
-            )
-        if self.kinds == ("path",):  # to_ebm of a callable ARM: A(x) = V_q(x)
-            logits = self.payloads[0].logits(self.support.feasible_like(jnp.zeros(self._shape())))
-            return logsumexp(self.space.mask_logits(logits)[..., 0, :], -1)
-        if self.space.num_sequences <= MAX_ENUMERATE:
+                return root_value(table, self.prompt)
+            return map_over_batch(root_value, self.batch_shape, table, self.prompt)
+        if route is ExactRoute.ARM:
+            return self.parts[0].root_value(self.space, self.batch_shape)
+        if route is ExactRoute.ENUMERATION:
             return self._enumerated_log_partition()
-        raise ValueError(
-            f"log Z of this EBM is not tractable ({self.space.num_sequences} sequences, parts not "
-            "all on lattices): estimate it with sp.log_partition(ebm, method='is' or 'smc', "
+        raise NoExactRoute(
+            f"log Z of this EBM is not tractable ({self.space.num_sequences} sequences, parts "
+            "not all on lattices): estimate it with sp.log_partition(ebm, method='is' or 'smc', "
             "proposal=arm) and attach it with ebm.with_log_partition(estimate)"
         )
 
-    def _shape(self):
-        return (*self.batch_shape, self.space.horizon)
-
     def _enumerated_log_partition(self):
-        seqs = jnp.asarray(self.space.enumerate())
-        n = seqs.shape[0]
-        chunks = -(-n // ENUMERATION_CHUNK)
-        padded = jnp.concatenate(
-            [seqs, jnp.broadcast_to(seqs[:1], (chunks * ENUMERATION_CHUNK - n, seqs.shape[1]))]
-        )
-        keep = jnp.arange(chunks * ENUMERATION_CHUNK) < n
         batch_axes = (1,) * len(self.batch_shape)
+        shape = (*self.batch_shape, self.space.horizon)
 
-        def chunk_lse(args):
-            block, mask = args
+        def scores(block):
             tokens = block.reshape(block.shape[0], *batch_axes, block.shape[-1])
-            tokens = jnp.broadcast_to(tokens, (block.shape[0], *self._shape()))
-            scores = self.unnormalized_log_prob(tokens)
-            mask = mask.reshape(mask.shape[0], *batch_axes)
-            return logsumexp(jnp.where(mask, scores, -jnp.inf), 0)
+            return self.unnormalized_log_prob(jnp.broadcast_to(tokens, (block.shape[0], *shape)))
 
-        per_chunk = jax.lax.map(
-            chunk_lse,
-            (padded.reshape(chunks, ENUMERATION_CHUNK, -1), keep.reshape(chunks, -1)),
-        )
-        log_z = logsumexp(per_chunk, 0)
-        _refuse_bad_rewards(log_z, "the rewards summed in log Z hold")
+        seqs = jnp.asarray(self.space.enumerate())
+        rewards = map_in_chunks(scores, seqs, min(len(seqs), ENUMERATION_CHUNK))
+        log_z = logsumexp(rewards, 0)
+        refuse_invalid(log_z, "log Z (logsumexp of the rewards)")
         return log_z
 
     def with_log_partition(self, estimate) -> EBM:
         """This EBM with ``log_prob = R − estimate`` (a number or a ``PartitionEstimate``).
 
         ``log_partition_source`` becomes ``"estimate"`` and ``log_partition_estimate`` keeps the
-        estimate (with its standard error, if it has one).
+        estimate (with its standard error, if it has one); both survive ``jax.tree`` round trips.
         """
-        log_z = getattr(estimate, "log_z", estimate)
-        new = self._build(
-            self.space,
-            self.prompt,
-            self._parts(),
-            self._validate_args,
-            jnp.asarray(log_z),
-            "estimate",
+        log_z = jnp.asarray(getattr(estimate, "log_z", estimate))
+        new = type(self).__new__(type(self))
+        new._setup(
+            self.space, self.prompt, self.parts, self._validate_args, AttachedLogZ(log_z, estimate)
         )
-        new.log_partition_estimate = estimate
         return new
+
+    @property
+    def log_partition_source(self) -> str:
+        """``"exact"``, or ``"estimate"`` after ``with_log_partition``."""
+        return "exact" if self.attached is None else "estimate"
+
+    @property
+    def log_partition_estimate(self):
+        """The estimate given to ``with_log_partition`` (None when ``log Z`` is exact)."""
+        return None if self.attached is None else self.attached.estimate
 
     # -- Distribution API -------------------------------------------------------------------
 
@@ -280,9 +304,8 @@ class EBM(Distribution):
         """``R(x, y) − A(x)`` ``[...]``; −∞ outside the support and where ``R = −∞`` (never NaN).
 
         ``A(x)`` is exact (``log_partition_source == "exact"``) unless this EBM came from
-        ``with_log_partition``: then it is that estimate (``log_partition_source == "estimate"``,
-        the estimate with its standard error in ``log_partition_estimate``), and ``log_prob``
-        inherits the estimate's error as a common shift of every sequence.
+        ``with_log_partition``: then it is that estimate, and ``log_prob`` inherits the
+        estimate's error as a common shift of every sequence.
         """
         if self._validate_args:
             self._validate_sample(jnp.asarray(value))
@@ -292,24 +315,29 @@ class EBM(Distribution):
         return jnp.where(reward == -jnp.inf, -jnp.inf, reward - log_z)
 
     def sample(self, key, sample_shape=()):
-        """Exact samples ``[*sample_shape, *batch, T]``: via M on lattices, else a categorical
-        over the enumerated space; otherwise an error naming the approximate samplers."""
-        if self.is_lattice:
-            from seqppl.distributions.convert import to_arm
+        """Exact samples ``[*sample_shape, *batch, T]`` along ``exact_route``: M on the joint
+        lattice (built once), the ARM it came from, or a categorical over the enumerated space.
 
-            return to_arm(self).sample(key, sample_shape)
-        if self.space.num_sequences > MAX_ENUMERATE:
-            raise ValueError(
+        Raises:
+            NoExactRoute: no exact route; the message names the approximate samplers.
+        """
+        key = check_key(key)
+        shape = tuple(sample_shape) + self.batch_shape
+        route = self.exact_route
+        if route is ExactRoute.DYNAMIC_PROGRAM:
+            decoder = TableLogits(self.exact_logits(), self.joint).decoder(shape, self.prompt)
+            return ancestral_sample(key, shape, self.space, *decoder)[0]
+        if route is ExactRoute.ARM:
+            return self.parts[0].arm.sample(key, sample_shape)
+        if route is ExactRoute.NONE:
+            raise NoExactRoute(
                 "exact sampling needs a lattice EBM or an enumerable space; weighted "
                 "approximate samples: est = sp.log_partition(ebm, 'smc', proposal, n, key) "
                 "(est.samples, est.log_weights), or distil an ARM with sp.distill"
             )
-        seqs = self.enumerate_support(expand=True)
-        scores = self.unnormalized_log_prob(seqs)
-        shape = tuple(sample_shape) + self.batch_shape
-        idx = jax.random.categorical(key, scores, axis=0, shape=shape)
-        flat = jnp.asarray(self.space.enumerate())
-        return flat[idx]
+        scores = self.unnormalized_log_prob(self.enumerate_support(expand=True))
+        index = jax.random.categorical(key, scores, axis=0, shape=shape)
+        return jnp.asarray(self.space.enumerate())[index]
 
     def enumerate_support(self, expand=True):
         """Every sequence ``[N, *batch, T]`` (``[N, 1.., T]`` unexpanded); small spaces only."""
@@ -317,107 +345,31 @@ class EBM(Distribution):
 
     # -- composition ------------------------------------------------------------------------
 
-    @classmethod
-    def _tilt(cls, arm: ARM, reward, scale) -> EBM:
-        if isinstance(reward, EBM):
-            _same_space(arm.space, reward.space, "reward")
-            parts = [
-                (k, None if s is None else scale * s, p, lat, fn)
-                for k, s, p, lat, fn in reward._parts()
-            ]
-        elif callable(reward):
-            parts = [("fn", scale, None, None, reward)]
-        else:
-            raise TypeError(f"reward must be an EBM or a callable, got {type(reward).__name__}")
-        prompt = _common_prompt(arm.prompt, getattr(reward, "prompt", None))
-        return cls._build(arm.space, prompt, [("arm", 1.0, arm, arm.lattice, None), *parts])
-
     def __mul__(self, other: EBM) -> EBM:
         """Product of experts: ``R = R_self + R_other``."""
         if not isinstance(other, EBM):
             return NotImplemented
-        _same_space(self.space, other.space, "other")
+        check_same_space("other", other.space, self.space)
         prompt = _common_prompt(self.prompt, other.prompt)
-        return self._build(self.space, prompt, self._parts() + other._parts())
+        return self.from_parts(self.parts + other.parts, self.space, prompt)
 
     def tempered(self, beta) -> EBM:
         """``p ∝ exp(beta · R)``; hard constraints (−∞ entries, ``constrain``) stay hard."""
-        parts = [
-            (k, None if s is None else beta * s, p, lat, fn) for k, s, p, lat, fn in self._parts()
-        ]
-        return self._build(self.space, self.prompt, parts)
+        parts = tuple(part.scaled(beta) for part in self.parts)
+        return self.from_parts(parts, self.space, self.prompt)
 
     def constrain(self, lat: Lattice, accepting) -> EBM:
         """``R`` where the DFA ``lat`` ends in a state of ``accepting``, else −∞."""
-        _same_space(self.space, lat.space, "lat")
-        table = lat.accepting_rewards(accepting, jnp.result_type(float))
-        return self._build(
-            self.space, self.prompt, self._parts() + [("constraint", None, table, lat, None)]
-        )
-
-
-def _part_batch(kind, payload) -> tuple[int, ...]:
-    """The batch shape a part contributes: a batched table's, or a nested distribution's."""
-    if kind in ("arm", "path"):
-        return payload.batch_shape
-    return batch_shape_of(payload) if kind in ("table", "constraint") else ()
-
-
-def _refuse_bad_rewards(values, what):
-    """Eagerly refuse NaN / +∞ sequence rewards (−∞ is a legal hard constraint)."""
-    idx = first_nan_or_pos_inf(values)
-    if idx is not None:
-        raise ValueError(
-            f"{what} {float(np.asarray(values)[idx])} at index {list(idx)}: rewards are finite "
-            "or −∞ (a constraint), never NaN or +∞"
-        )
-
-
-def _scaled(scale, reward):
-    """``scale · reward``, keeping −∞ (a hard constraint) at −∞ for every scale."""
-    hard = reward == -jnp.inf
-    return jnp.where(hard, -jnp.inf, scale * jnp.where(hard, 0, reward))
-
-
-def _same_space(space, other, name):
-    if other != space:
-        raise ValueError(f"{name} is over {other}, not {space}")
+        check_same_space("lat", lat.space, self.space)
+        constraint = Constraint(lat.accepting_rewards(accepting, jnp.result_type(float)), lat)
+        return self.from_parts((*self.parts, constraint), self.space, self.prompt)
 
 
 def _common_prompt(a, b):
+    """The prompt two composed distributions share (``ValueError`` if they differ)."""
     if a is None or b is None or a is b:
         return a if b is None else b
     if not isinstance(a, jax.core.Tracer) and not isinstance(b, jax.core.Tracer):
         if a.shape != b.shape or not bool(jnp.all(a == b)):
             raise ValueError("the parts have different prompts; give them the same prompt")
     return a
-
-
-def _distinct(lattices):
-    out = []
-    for lat in lattices:
-        if lat is not None and all(lat is not seen for seen in out):
-            out.append(lat)
-    return out
-
-
-def _joint_lattice(lattices):
-    distinct = _distinct(lattices)
-    joint = distinct[0]
-    for lat in distinct[1:]:
-        joint = joint.product(lat)
-    return joint
-
-
-def _lift(joint, lattices, lat, table):
-    """Lift a table on ``lat`` to ``joint = ((L_0 × L_1) × L_2) × ...`` (the distinct lattices)."""
-    distinct = _distinct(lattices)
-    position = next(i for i, seen in enumerate(distinct) if seen is lat)
-    chain = [joint]  # J_n, J_{n-1}, ..., J_0 = L_0
-    while len(chain) < len(distinct):
-        chain.append(chain[-1].factors[0])
-    chain.reverse()
-    out = table if position == 0 else chain[position].lift(table, 1)
-    for product in chain[position + 1 :]:
-        out = product.lift(out, 0)
-    return out

@@ -3,14 +3,13 @@
 ``ARM.from_nnx(module, space)`` keeps the graph (static, an aux field) and the ``nnx.Param``
 state as a pure nested dict (``nnx.to_pure_dict``, the form ``numpyro.contrib.module`` uses), so
 the ARM's ``params`` can be trained by optax, registered with ``numpyro.param`` or sampled from a
-prior. ``nnx_arm`` is the NumPyro primitive that does the registration through
-``numpyro.contrib.module.nnx_module`` / ``random_nnx_module``.
+prior (``seqppl.distributions.nnx_arm`` is the NumPyro primitive that registers them).
 
 A module used as an ARM maps ``tokens [..., T] -> logits [..., T, A]`` causally (and takes the
 keyword ``prompt=`` when the ARM has a prompt). If it also defines the cached-step protocol as
-pure methods, ``init(batch_shape, prompt=None) -> (logits [*batch, A], cache)`` and
-``step(cache, token [*batch]) -> (logits, cache)`` with ``cache`` a pytree of arrays, sampling
-uses it (one step per decision instead of re-running the whole buffer).
+pure methods (the ``CachedLogits`` protocol), ``init(batch_shape, prompt=None) -> (logits
+[*batch, A], cache)`` and ``step(cache, token [*batch]) -> (logits, cache)`` with ``cache`` a
+pytree of arrays, sampling uses it (one step per decision instead of re-running the buffer).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-__all__ = ["NNXFunction", "module_params", "nnx_arm"]
+__all__ = ["NNXFunction", "module_params"]
 
 
 def module_params(module: nnx.Module) -> dict:
@@ -30,9 +29,9 @@ def module_params(module: nnx.Module) -> dict:
 class NNXFunction:
     """``fn(params, tokens, prompt=...)`` (logits or reward) merging ``params`` into the graph.
 
-    ``init`` and ``step`` exist exactly when the module defines them (the ARM checks with
-    ``hasattr``). Two wrappers are equal when they wrap the same graph and non-parameter state,
-    which keeps ``jit`` caches valid across ``with_params``.
+    ``init`` and ``step`` exist exactly when the module defines them (the ``CachedLogits``
+    protocol, checked when the ARM is built). Two wrappers are equal when they wrap the same
+    graph and non-parameter state, which keeps ``jit`` caches valid across ``with_params``.
     """
 
     def __new__(cls, module: nnx.Module):
@@ -70,43 +69,3 @@ class _CachedNNXFunction(NNXFunction):
 
     def step(self, params, cache, token):
         return self.merge(params).step(cache, token)
-
-
-def nnx_arm(name: str, module: nnx.Module, space, prompt=None, *, prior=None, **kwargs):
-    """A NumPyro primitive: an ARM whose module parameters are NumPyro sites.
-
-    With ``prior=None`` the parameters are a ``numpyro.param`` site ``f"{name}$params"``
-    (``numpyro.contrib.module.nnx_module``: SVI optimises them); with ``prior`` (a distribution,
-    a dict of distributions, or ``(name, shape) -> distribution``) each parameter is a
-    ``sample`` site ``f"{name}.{path}"`` (``random_nnx_module``: NUTS or SVI infer them). The
-    scope divider is ``"."``, not NumPyro's default ``"/"``: ArviZ 1.x stores posteriors in an
-    ``xarray.DataTree``, which refuses variable names containing ``"/"``.
-    Extra keywords go to ``ARM.from_nnx``.
-
-    Example:
-        >>> import jax.numpy as jnp, numpyro
-        >>> from numpyro.infer.util import log_density
-        >>> from flax import nnx
-        >>> from seqppl import SequenceSpace
-        >>> space = SequenceSpace(vocab_size=2, length=2, eos=False)
-        >>> class Unigram(nnx.Module):
-        ...     def __init__(self):
-        ...         self.w = nnx.Param(jnp.zeros(2))
-        ...     def __call__(self, tokens):
-        ...         return jnp.broadcast_to(self.w[...], (*tokens.shape, 2))
-        >>> def model(y):
-        ...     numpyro.sample("y", nnx_arm("lm", Unigram(), space), obs=y)
-        >>> print(round(float(log_density(model, (jnp.array([0, 1]),), {}, {})[0]), 4))
-        -1.3863
-    """
-    from numpyro.contrib.module import nnx_module, random_nnx_module
-
-    from seqppl.distributions.arm import ARM
-
-    registered = (
-        nnx_module(name, module)
-        if prior is None
-        else random_nnx_module(name, module, prior, scope_divider=".")
-    )
-    # Both return ``partial(apply_fn, params, ...)``: the registered (or sampled) pure dict.
-    return ARM.from_nnx(module, space, prompt, params=registered.args[0], **kwargs)

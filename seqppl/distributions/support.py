@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions import constraints
 
+from seqppl.sharding import shard_batch
 from seqppl.space import SequenceSpace
+from seqppl.tables import table_batch_shape
 
 __all__ = [
     "SequenceSupport",
@@ -94,7 +96,7 @@ def checked_prompt(space: SequenceSpace, prompt):
 def batch_shape_of(table=None, prompt=None, *more) -> tuple[int, ...]:
     """The broadcast batch shape of a lattice table (``[*B, T, S, A]``; ``[S, A]`` and
     ``[T, S, A]`` have none), a prompt ``[*B, P]`` and further batch shapes."""
-    shapes = [tuple(jnp.shape(table)[:-3]) if table is not None and jnp.ndim(table) > 3 else ()]
+    shapes = [() if table is None else table_batch_shape(table)]
     shapes.append(() if prompt is None else tuple(jnp.shape(prompt)[:-1]))
     return tuple(jnp.broadcast_shapes(*shapes, *more))
 
@@ -123,17 +125,22 @@ def map_over_batch(fn, batch_shape, table, prompt):
     return jax.tree.map(lambda x: x.reshape(*batch_shape, *x.shape[1:]), out)
 
 
-def map_in_chunks(fn, tokens, chunk_size: int):
+def map_in_chunks(fn, tokens, chunk_size: int, mesh=None):
     """``fn(tokens)`` for tokens ``[N, T]`` evaluated ``chunk_size`` rows at a time (bounded
-    memory; one ``lax.map``), outputs (a pytree of ``[N, …]`` arrays) concatenated.
+    memory; one ``lax.map``), outputs (a pytree of ``[N, …]`` arrays) concatenated; with a
+    ``mesh`` each chunk's rows are split over its devices (``seqppl.sharding``).
 
     The last chunk is padded with copies of the first row, whose outputs are dropped.
     """
     tokens = jnp.asarray(tokens)
     n = tokens.shape[0]
+    chunk_size = min(chunk_size, n)
     chunks = -(-n // chunk_size)
     padded = jnp.concatenate(
         [tokens, jnp.broadcast_to(tokens[:1], (chunks * chunk_size - n, *tokens.shape[1:]))]
     )
-    out = jax.lax.map(fn, padded.reshape(chunks, chunk_size, *tokens.shape[1:]))
+    out = jax.lax.map(
+        lambda block: fn(shard_batch(block, mesh)),
+        padded.reshape(chunks, chunk_size, *tokens.shape[1:]),
+    )
     return jax.tree.map(lambda x: x.reshape(chunks * chunk_size, *x.shape[2:])[:n], out)

@@ -16,9 +16,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from seqppl.models.tasks import digit_sum_task, locally_masked_arm, lookahead_student
 
 import seqppl as sp
-from seqppl.models.tasks import digit_sum_task, locally_masked_arm, lookahead_student
 
 __all__ = ["run_demo"]
 
