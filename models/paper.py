@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from flax import nnx
 from seqppl.models.transformer import TransformerARM, TransformerEBM
 
 import seqppl as sp
-from seqppl import train
+from seqppl import checks, loop
 
 __all__ = [
     "ADAM_B2",
@@ -146,16 +145,13 @@ def reproduce(
     Raises:
         ValueError: an unknown config, target or zipf_order, ``steps``, ``log_every`` or
             ``checkpoint_every`` not an int ≥ 1, ``lr ≤ 0``, ``adam_b2`` outside (0, 1).
-        seqppl.train.CheckpointError: ``out/checkpoints`` holds checkpoints of a run with other
+        seqppl.loop.CheckpointError: ``out/checkpoints`` holds checkpoints of a run with other
             settings, or a corrupted one.
     """
-    if config not in CONFIGS:
-        raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {config!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if not 0.0 < adam_b2 < 1.0:
-        raise ValueError(f"adam_b2 must be in (0, 1), got {adam_b2!r}")
-    train.check_counts(
+    checks.check_choice("config", config, tuple(sorted(CONFIGS)))
+    checks.check_number("lr", lr, 0, float("inf"))
+    checks.check_number("adam_b2", adam_b2, 0, 1)
+    checks.check_counts(
         ("steps", steps, 1), ("log_every", log_every, 1), ("checkpoint_every", checkpoint_every, 1)
     )
     cfg = CONFIGS[config]
@@ -176,7 +172,7 @@ def reproduce(
     entropy = float(-(jnp.exp(log_rho) * log_rho).sum())
     sizes = (cfg.layers, cfg.heads, cfg.dim, cfg.mlp_dim)
     key = jax.random.key(seed)
-    optimizer = optax.adam(train.trapezoid_schedule(lr, steps), b2=adam_b2)
+    optimizer = optax.adam(loop.trapezoid_schedule(lr, steps), b2=adam_b2)
 
     def fit(dist, name, metrics=None):
         folder = None if checkpoints is None else checkpoints / name
@@ -228,7 +224,7 @@ def _checkpoint_folder(out: Path, settings: dict) -> tuple[Path, bool]:
     the settings of the run whose checkpoints they are, and other settings are refused."""
     folder = out / "checkpoints"
     run_file = folder / "run.json"
-    resumable = any((folder / model / train.CHECKPOINT_NAME).exists() for model in ("ebm", "arm"))
+    resumable = any((folder / model / loop.CHECKPOINT_NAME).exists() for model in ("ebm", "arm"))
     if resumable and run_file.exists():
         saved = _read_json(run_file)
         changed = {
@@ -237,7 +233,7 @@ def _checkpoint_folder(out: Path, settings: dict) -> tuple[Path, bool]:
             if saved.get(name) != settings.get(name)
         }
         if changed:
-            raise train.CheckpointError(
+            raise loop.CheckpointError(
                 f"out={str(out)!r} holds checkpoints of a run with other settings "
                 f"({{setting: (saved, now)}} = {changed}); use another out or delete {folder}"
             )
@@ -249,17 +245,15 @@ def _checkpoint_folder(out: Path, settings: dict) -> tuple[Path, bool]:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """Atomic: a temporary file renamed over ``path``."""
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    os.replace(temporary, path)
+    """Atomic (``loop.write_atomically``): never a truncated ``path``."""
+    loop.write_atomically(path, json.dumps(value, indent=1).encode())
 
 
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise train.CheckpointError(f"{path} is not valid JSON ({error}); delete it") from None
+        raise loop.CheckpointError(f"{path} is not valid JSON ({error}); delete it") from None
 
 
 def _write(out: Path, result, settings, timing):

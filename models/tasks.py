@@ -24,6 +24,7 @@ from flax import nnx
 from seqppl.models.transformer import TransformerARM
 
 import seqppl as sp
+from seqppl import checks
 from seqppl.distributions.nnx import NNXFunction, module_params
 
 __all__ = [
@@ -48,8 +49,7 @@ class DigitSumTask(NamedTuple):
 
 def digit_sum_lattice(space: sp.SequenceSpace, modulus: int) -> sp.Lattice:
     """DFA with states ``0..modulus-1``: ``δ(s, a) = (s + a) mod modulus``, start 0."""
-    if not isinstance(modulus, int) or modulus < 1:
-        raise ValueError(f"modulus must be an int >= 1, got {modulus!r}")
+    checks.check_counts(("modulus", modulus, 1))
     states = np.arange(modulus)[:, None]
     digits = np.arange(space.vocab_size)[None, :]
     return sp.Lattice.automaton(space, (states + digits) % modulus, initial=0)

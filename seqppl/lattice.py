@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqppl.checks import check_counts
 from seqppl.space import SequenceSpace
 from seqppl.tables import path_entries
 
@@ -110,8 +111,7 @@ class Lattice:
         first; ``δ(s, a) = (s·(V+1) mod S) + a``. The empty context (all pads) is the initial state;
         a prompt's last ``k`` tokens set it.
         """
-        if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 0:
-            raise ValueError(f"order must be an int >= 0, got {order!r}")
+        check_counts(("order", order, 0))
         base, V = space.vocab_size + 1, space.vocab_size
         if order * np.log2(base) + np.log2(space.num_actions) > 30:
             raise ValueError(

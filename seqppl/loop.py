@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from seqppl.checks import check_mesh
+from seqppl.checks import check_counts, check_mesh
 from seqppl.sharding import replicate
 
 __all__ = [
@@ -50,8 +50,7 @@ def trapezoid_schedule(peak: float, steps: int, warmup: int = 100, decay: int = 
 
     Built from optax schedules; ``warmup + decay`` is capped at ``steps``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_counts(("steps", steps, 1))
     warmup = min(warmup, steps // 2)
     decay = min(decay, steps - warmup)
     flat = steps - warmup - decay

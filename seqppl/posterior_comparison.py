@@ -16,6 +16,8 @@ from numpyro.distributions import Distribution, ExpandedDistribution, MaskedDist
 from numpyro.infer import MCMC, NUTS
 from numpyro.primitives import Messenger
 
+from seqppl.checks import check_key, check_level
+
 __all__ = ["PosteriorComparison", "compare_posteriors", "replace_site"]
 
 
@@ -139,8 +141,8 @@ def compare_posteriors(
         raise TypeError(f"site must be a site name (str), got {type(site).__name__}")
     if not isinstance(data, dict):
         raise TypeError(f"data must be a dict of model keyword arguments, got {type(data)}")
-    if not (isinstance(level, float) and 0 < level < 1):
-        raise ValueError(f"level must be a float in (0, 1), got {level!r}")
+    level = check_level(level)
+    key = check_key(key)
     trees = {}
     for name, replacement in (("target", target), ("approx", approx)):
         run = model if replacement is None else replace_site(model, site, replacement)

@@ -1,13 +1,25 @@
-"""Test configuration: float64 available, rank promotion raises, hypothesis profiles.
+"""Test configuration: float64 available, rank promotion raises, hypothesis profiles, and one
+persistent compilation cache for the whole session.
 
 x64 is enabled so that float64 cases can run; float32 cases build float32 arrays explicitly and
-check that the library keeps that dtype.
+check that the library keeps that dtype. The two pytest workers and the example and CLI
+subprocesses compile many of the same programs (the demo and the lookahead example distil the
+same student); JAX's persistent cache, in ``.pytest_cache/jax`` (set through the environment
+before JAX is imported, so subprocesses inherit it), compiles each once. It changes no result:
+a cached executable is the one XLA would compile again.
 """
 
 import os
+from pathlib import Path
 
-import jax
-from hypothesis import HealthCheck, settings
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
