@@ -6,7 +6,11 @@ check that the library keeps that dtype. The two pytest workers and the example 
 subprocesses compile many of the same programs (the demo and the lookahead example distil the
 same student); JAX's persistent cache, in ``.pytest_cache/jax`` (set through the environment
 before JAX is imported, so subprocesses inherit it), compiles each once. It changes no result:
-a cached executable is the one XLA would compile again.
+a cached executable is the one XLA would compile again. Most programs of the suite run once, on
+tiny inputs, so compiling them dominates: ``JAX_DISABLE_MOST_OPTIMIZATIONS`` (JAX's switch for
+"the cost of optimization is greater than that of running a less-optimized program") makes XLA
+skip its expensive passes. Timing checks (tests/test_benchmarks.py) run their subprocesses with
+the optimisations back on.
 """
 
 import os
@@ -17,6 +21,7 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

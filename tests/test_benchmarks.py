@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py"))
+OPTIMISED = {k: v for k, v in os.environ.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+"""The environment with XLA's optimisations back on (conftest turns them off for the suite)."""
 
 
 @pytest.mark.slow
@@ -22,6 +24,7 @@ def test_benchmark_runs_tiny(script):
         capture_output=True,
         text=True,
         timeout=600,
+        env=OPTIMISED,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "|---|" in out.stdout, "each benchmark prints a markdown table"
