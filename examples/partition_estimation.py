@@ -33,8 +33,7 @@ def lattice_twist(ebm):
     def twist(tokens):
         states = lat.states(tokens)  # [P, T], the state before each decision
         active = space.active(tokens)
-        steps = jnp.take_along_axis(table[jnp.arange(space.horizon), states], tokens[..., None], -1)
-        done = jnp.cumsum(jnp.where(active, steps[..., 0], 0.0), -1)
+        done = jnp.cumsum(lat.path_scores(table, tokens), -1)  # Σ_{k≤t} r_k (0 after EOS)
         nxt = jnp.concatenate([states[..., 1:], states[..., -1:]], -1)
         ahead = values[jnp.minimum(jnp.arange(space.horizon) + 1, space.horizon - 1), nxt]
         still = jnp.concatenate([active[..., 1:], jnp.zeros_like(active[..., :1])], -1)

@@ -15,26 +15,20 @@ decision" rule: every non-EOS action at ``t = T−1`` then scores −∞.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from seqppl.checks import check_choice
+from seqppl.backward import SCHEDULES, backward, next_state_index
 from seqppl.lattice import Lattice
 from seqppl.logspace import NEG_INF, log_softmax, logsumexp
 from seqppl.space import SequenceSpace
 from seqppl.tables import check_reachable, check_table, per_decision
 
-SCHEDULES = ("sequential", "parallel")
-"""Schedules of the backward pass (``method=``): a ``lax.scan`` over time, or an associative
-scan over transfer matrices."""
-
 __all__ = [
     "SCHEDULES",
     "soft_bellman",
     "soft_values",
+    "root_values",
     "inverse_soft_bellman",
     "path_rewards",
     "occupancy",
@@ -70,7 +64,25 @@ def soft_values(
         ((3, 3), 2.0794)
     """
     r, reference = _prepare(lat, r, reference, trusted=trusted)
-    return _backward(lat, _with_reference(lat, r, reference), write_q=False, method=method)
+    return backward(lat, _with_reference(lat, r, reference), "values", method=method)
+
+
+def root_values(
+    lat: Lattice, r, reference=None, *, method: str = "sequential", trusted: bool = False
+) -> jax.Array:
+    """``V[0]`` float ``[S]``: the soft values before the first decision, ``log Z`` from every
+    start state (``log Z(x) = V[0, lat.initial_state(x)]``), without keeping ``V[1:]``.
+
+    Arguments as in ``soft_values``.
+
+    Example:
+        >>> from seqppl import SequenceSpace, Lattice
+        >>> lat = Lattice.markov(SequenceSpace(vocab_size=2, length=3), order=1)
+        >>> round(float(root_values(lat, jnp.zeros((3, 2)))[lat.initial]), 4)  # log 2^3
+        2.0794
+    """
+    r, reference = _prepare(lat, r, reference, trusted=trusted)
+    return backward(lat, _with_reference(lat, r, reference), "root", method=method)
 
 
 def soft_bellman(
@@ -100,7 +112,7 @@ def soft_bellman(
         [1.0986 1.0986 0.    ]
     """
     r, reference = _prepare(lat, r, reference, trusted=trusted)
-    q, values = _backward(lat, _with_reference(lat, r, reference), write_q=True, method=method)
+    q, values = backward(lat, _with_reference(lat, r, reference), "q", method=method)
     return _residual(q, _normalised(lat, reference)), values
 
 
@@ -219,84 +231,7 @@ def occupancy(lat: Lattice, r, prompt=None, *, trusted: bool = False) -> jax.Arr
     start = lat.initial_state(prompt, trusted=trusted)
     if start.ndim:
         raise ValueError(f"occupancy takes a single prompt [P], got shape {jnp.shape(prompt)}")
-    return jax.grad(lambda table: _backward(lat, table, write_q=False)[0, start])(r)
-
-
-# -- the dynamic program ---------------------------------------------------------------------
-
-
-def _backward(lat: Lattice, r: jax.Array, write_q: bool, method: str = "sequential"):
-    method = check_choice("method", method, SCHEDULES)
-    next_index = _next_index(lat)
-    if method == "parallel":
-        return _backward_parallel(
-            jnp.asarray(next_index),
-            r,
-            horizon=lat.space.horizon,
-            eos=lat.space.eos,
-            write_q=write_q,
-        )
-    if lat.next_state_ignores_state:
-        next_index = next_index[:1]
-    return _backward_scan(
-        jnp.asarray(next_index), r, horizon=lat.space.horizon, eos=lat.space.eos, write_q=write_q
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("horizon", "eos", "write_q"))
-def _backward_scan(next_index, r, *, horizon, eos, write_q):
-    """Backward scan; ``next_index [S or 1, A]`` sends EOS to a sentinel state valued 0."""
-    num_states = r.shape[-2]
-    end = jnp.full((num_states,), NEG_INF if eos else 0, r.dtype)
-    zero = jnp.zeros((1,), r.dtype)
-
-    def step(v_next, r_t):
-        continuation = jnp.concatenate([v_next, zero])[next_index]
-        q_t = r_t + continuation
-        v_t = logsumexp(q_t, -1)
-        return v_t, ((q_t, v_t) if write_q else v_t)
-
-    if r.ndim == 2:
-        _, out = jax.lax.scan(lambda v, _: step(v, r), end, None, length=horizon, reverse=True)
-    else:
-        _, out = jax.lax.scan(step, end, r, reverse=True)
-    return out
-
-
-@functools.partial(jax.jit, static_argnames=("horizon", "eos", "write_q"))
-def _backward_parallel(next_index, r, *, horizon, eos, write_q):
-    """The same values by an associative scan over log-semiring transfer matrices (parallel in
-    time: depth O(log T), work O(T·S³)).
-
-    ``K_t[s, s'] = logsumexp_{a: next(s, a) = s'} r[t, s, a]`` on ``S + 1`` states (the last, a
-    sentinel reached by EOS, keeps value 0: ``K_t[S, S] = 0``), so ``V[t] = K_t ⊗ V[t+1]`` and
-    ``V[t] = (K_t ⊗ K_{t+1} ⊗ … ⊗ K_{T−1}) ⊗ V[T]``, the suffix products from
-    ``lax.associative_scan`` (``⊗``: max-plus-style ``logsumexp`` matrix product).
-    """
-    num_states, num_actions = r.shape[-2:]
-    r = jnp.broadcast_to(r, (horizon, num_states, num_actions))
-    lands = next_index[:, :, None] == jnp.arange(num_states + 1)[None, None, :]  # [S, A, S+1]
-    kernels = logsumexp(jnp.where(lands[None], r[..., None], NEG_INF), -2)  # [T, S, S + 1]
-    sentinel = jnp.where(jnp.arange(num_states + 1) == num_states, 0.0, NEG_INF).astype(r.dtype)
-    kernels = jnp.concatenate(
-        [kernels, jnp.broadcast_to(sentinel, (horizon, 1, num_states + 1))], axis=-2
-    )
-    # reverse scan: combine(later suffix, earlier kernel) = earlier ⊗ later
-    suffix = jax.lax.associative_scan(
-        lambda later, earlier: _log_matmul(earlier, later), kernels, reverse=True
-    )
-    end = jnp.full((num_states + 1,), NEG_INF if eos else 0, r.dtype).at[-1].set(0)
-    values = logsumexp(suffix + end[None, None, :], -1)  # [T, S + 1]
-    if not write_q:
-        return values[:, :num_states]
-    following = jnp.concatenate([values[1:], end[None]], axis=0)  # V[t + 1], sentinel last
-    q = r + following[:, next_index]
-    return q, values[:, :num_states]
-
-
-def _log_matmul(a, b):
-    """``(a ⊗ b)[..., i, j] = logsumexp_k a[..., i, k] + b[..., k, j]``."""
-    return logsumexp(a[..., :, :, None] + b[..., None, :, :], -2)
+    return jax.grad(lambda table: backward(lat, table, "root")[start])(r)
 
 
 @jax.jit
@@ -310,7 +245,7 @@ def _inverse_core(next_index, q):
 
 
 def _inverse(lat: Lattice, q: jax.Array) -> jax.Array:
-    next_index = _next_index(lat)
+    next_index = next_state_index(lat)
     q = lat.space.mask_logits(per_decision(q, lat.space.horizon), table=True)
     return _inverse_core(jnp.asarray(next_index), q)
 
@@ -347,11 +282,6 @@ def _residual(q, log_ref):
 
 
 # -- validation and masks --------------------------------------------------------------------
-
-
-def _next_index(lat: Lattice) -> np.ndarray:
-    """``δ`` with EOS sent to the sentinel state ``S`` (value 0: the response ended)."""
-    return np.where(lat.space.continuing_actions()[None, :], lat.delta, lat.num_states)
 
 
 def _prepare(lat: Lattice, table, reference, name: str = "r", trusted: bool = False):

@@ -25,7 +25,7 @@ from seqppl.checks import check_counts
 from seqppl.space import SequenceSpace
 from seqppl.tables import path_entries
 
-__all__ = ["Lattice", "MAX_PREFIX_TREE_CELLS", "joint_lattice", "lift_to_joint"]
+__all__ = ["Lattice", "MAX_PREFIX_TREE_CELLS"]
 
 MAX_PREFIX_TREE_CELLS = 1 << 24
 """Largest ``S·A`` a prefix tree may have (16,777,216 cells per decision)."""
@@ -45,6 +45,7 @@ class Lattice:
         factors: for a product, the two component lattices; else ``()``.
         reads_prompt: whether a prompt moves the initial state (False for a prefix tree, which
             hangs below the prompt).
+        order: the context length ``k`` of a Markov lattice (None for the other kinds).
 
     Example:
         >>> space = SequenceSpace(vocab_size=2, length=3)
@@ -60,6 +61,7 @@ class Lattice:
     factors: tuple = ()
     reads_prompt: bool = True
     _factor_states: tuple = field(default=(), repr=False)
+    order: int | None = None
 
     @property
     def num_states(self) -> int:
@@ -122,7 +124,7 @@ class Lattice:
         states = np.arange(num_states, dtype=np.int64)[:, None]
         delta = np.tile(states, (1, space.num_actions))
         delta[:, :V] = (states * base) % num_states + np.arange(V)[None, :] if order else 0
-        return cls(space, _as_delta(delta), num_states - 1, "markov")
+        return cls(space, _as_delta(delta), num_states - 1, "markov", order=int(order))
 
     @classmethod
     def automaton(cls, space: SequenceSpace, delta, initial: int = 0) -> Lattice:
@@ -193,22 +195,68 @@ class Lattice:
             return start
         return _run(jnp.asarray(self.delta), start, prompt)[1]
 
-    def states(self, tokens, prompt=None, *, trusted: bool = False) -> jax.Array:
+    def states(
+        self, tokens, prompt=None, *, trusted: bool = False, exact_after_eos: bool = True
+    ) -> jax.Array:
         """The state before each decision, int32 ``[..., T]``: ``s_0 = initial_state(prompt)``,
         ``s_{t+1} = δ(s_t, y_t)``; after EOS the state stays put (those positions carry no reward).
+
+        A Markov lattice's state is read off the last ``k`` tokens directly (no scan over time),
+        as is a product of Markov lattices'; the others run δ along the tokens (``lax.scan``).
 
         Args:
             tokens: int ``[..., T]``; ids outside ``[0, A)`` are read as 0 here (callers that
                 score paths give them −∞).
             prompt: optional int ``[..., P]`` (broadcast against the batch of ``tokens``).
             trusted: the prompt was already validated (internal calls).
+            exact_after_eos: False for callers that ignore the positions after the first EOS:
+                there the states are then some valid states, not the state at EOS (a Markov
+                lattice skips a pass over the tokens).
         """
         tokens = _token_array(tokens, self.space)
-        start = self.initial_state(prompt, trusted=trusted)
+        if not (trusted or prompt is None or isinstance(prompt, jax.core.Tracer)):
+            prompt = self.space.validate_prompt(prompt)
+        if self.reads_context:
+            tokens = jnp.where((tokens >= 0) & (tokens < self.space.num_actions), tokens, 0)
+            states = self._context_states(tokens, prompt)
+            return _stay_after_eos(states, tokens, self.space) if exact_after_eos else states
+        start = self.initial_state(prompt, trusted=True)
         batch = jnp.broadcast_shapes(start.shape, tokens.shape[:-1])
         start = jnp.broadcast_to(start, batch)
         tokens = jnp.broadcast_to(tokens, (*batch, tokens.shape[-1]))
         return _run(jnp.asarray(self.delta), start, tokens)[0]
+
+    @cached_property
+    def reads_context(self) -> bool:
+        """True for a Markov lattice or a product of them: each state is read off the last
+        tokens directly (``states`` needs no scan over time)."""
+        return self.kind == "markov" or (
+            self.kind == "product" and all(f.reads_context for f in self.factors)
+        )
+
+    def _context_states(self, tokens, prompt) -> jax.Array:
+        """``s_t`` from the ``k`` tokens before decision t (prompt, then pads ``V`` before it):
+        ``s_t = Σ_j z[t + j] (V+1)^(k−1−j)`` over ``z`` = pads ⊕ prompt ⊕ tokens (EOS not yet
+        special)."""
+        if self.kind == "product":
+            first, second = (f._context_states(tokens, prompt) for f in self.factors)
+            first, second = jnp.broadcast_arrays(first, second)
+            return first * self.factors[1].num_states + second
+        k, T = self.order, tokens.shape[-1]
+        if k == 0:
+            return jnp.zeros(tokens.shape, jnp.int32)
+        pad = self.space.vocab_size
+        context = jnp.full((k,), pad, jnp.int32)
+        if prompt is not None:
+            prompt = jnp.asarray(prompt, jnp.int32)
+            pads = jnp.full((*prompt.shape[:-1], k), pad, jnp.int32)
+            context = jnp.concatenate([pads, prompt], -1)[..., -k:]
+        batch = jnp.broadcast_shapes(context.shape[:-1], tokens.shape[:-1])
+        z = jnp.concatenate(
+            [jnp.broadcast_to(context, (*batch, k)), jnp.broadcast_to(tokens, (*batch, T))], -1
+        )
+        base = pad + 1
+        return sum(z[..., j : j + T] * base ** (k - 1 - j) for j in range(k)).astype(jnp.int32)
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -235,7 +283,7 @@ class Lattice:
             )
         tokens = _token_array(tokens, space)
         safe = jnp.where((tokens >= 0) & (tokens < A), tokens, 0)
-        states = self.states(safe, prompt, trusted=trusted)
+        states = self.states(safe, prompt, trusted=trusted, exact_after_eos=False)
         scores = path_entries(table, states, safe)
         return space.after_eos(jnp.broadcast_to(tokens, scores.shape), scores)
 
@@ -304,6 +352,16 @@ def _token_array(tokens, space: SequenceSpace) -> jax.Array:
     return tokens.astype(jnp.int32)
 
 
+def _stay_after_eos(states: jax.Array, tokens: jax.Array, space: SequenceSpace) -> jax.Array:
+    """States after the first EOS replaced by the state before it (δ(s, EOS) = s)."""
+    if not space.eos:
+        return states
+    first = space.first_eos(jnp.broadcast_to(tokens, states.shape))[..., None]  # T if none
+    at_eos = jnp.take_along_axis(states, jnp.minimum(first, states.shape[-1] - 1), -1)
+    positions = jnp.broadcast_to(jnp.arange(states.shape[-1]), states.shape)
+    return jnp.where(positions > first, at_eos, states)
+
+
 def _run(delta: jax.Array, start: jax.Array, tokens: jax.Array):
     """States visited reading ``tokens [..., N]`` from ``start [...]``: (before each, final)."""
 
@@ -312,35 +370,3 @@ def _run(delta: jax.Array, start: jax.Array, tokens: jax.Array):
 
     final, before = jax.lax.scan(step, start, jnp.moveaxis(tokens, -1, 0))
     return jnp.moveaxis(before, 0, -1), final
-
-
-def joint_lattice(lattices) -> Lattice:
-    """The product ``((L_0 × L_1) × L_2) × ...`` of the distinct lattices (by identity) of
-    ``lattices``, in order of first appearance; a single lattice is its own joint lattice."""
-    distinct = _distinct(lattices)
-    joint = distinct[0]
-    for lat in distinct[1:]:
-        joint = joint.product(lat)
-    return joint
-
-
-def lift_to_joint(joint: Lattice, lattices, lat: Lattice, table) -> jax.Array:
-    """A table ``[..., S_lat, A]`` on ``lat`` as a table on ``joint = joint_lattice(lattices)``."""
-    distinct = _distinct(lattices)
-    position = next(i for i, seen in enumerate(distinct) if seen is lat)
-    chain = [joint]  # J_n, J_{n-1}, ..., J_0 = L_0
-    while len(chain) < len(distinct):
-        chain.append(chain[-1].factors[0])
-    chain.reverse()
-    out = table if position == 0 else chain[position].lift(table, 1)
-    for product in chain[position + 1 :]:
-        out = product.lift(out, 0)
-    return out
-
-
-def _distinct(lattices) -> list[Lattice]:
-    out = []
-    for lat in lattices:
-        if all(lat is not seen for seen in out):
-            out.append(lat)
-    return out

@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = [
     "logsumexp",
@@ -21,7 +20,6 @@ __all__ = [
     "softmax",
     "categorical_kl",
     "NEG_INF",
-    "first_nan_or_pos_inf",
 ]
 
 NEG_INF = -jnp.inf
@@ -43,39 +41,50 @@ def logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
         >>> print(logsumexp(jnp.array([[0.0, 0.0], [-jnp.inf, -jnp.inf]])).round(4))
         [0.6931   -inf]
     """
+    return jnp.squeeze(_shifted_sum(x, axis)[2], axis=axis)
+
+
+def _shifted_sum(x: jax.Array, axis: int):
+    """``(e, total, lse)``: ``e = exp(x − m)`` with ``m`` the (finite) row maximum, ``total =
+    Σ e``, ``lse = log total + m`` (keepdims; −∞ on an all −∞ row, where ``total = 0``)."""
     m = jnp.max(x, axis=axis, keepdims=True)
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
-    total = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
-    empty = total == 0  # every entry −∞; NaN and +∞ propagate
-    out = jnp.where(empty, NEG_INF, jnp.log(jnp.where(empty, 1, total)) + m)
-    return jnp.squeeze(out, axis=axis)
+    e = jnp.exp(x - m)
+    total = jnp.sum(e, axis=axis, keepdims=True)
+    return e, total, jnp.log(total) + m
 
 
 @logsumexp.defjvp
 def _logsumexp_jvp(axis, primals, tangents):
+    """The tangent is ``Σ softmax(x) · dx`` with softmax 0 on an all −∞ row (so the gradient
+    there is 0, not NaN); the softmax reuses the primal's exponentials (one pass, like autodiff
+    of the plain formula). As for any JAX function, an infinite incoming tangent ``dx`` (e.g.
+    through ``log 0``) times a zero weight is NaN."""
     (x,), (dx,) = primals, tangents
-    out = logsumexp(x, axis)
-    weights = _softmax_from(x, jnp.expand_dims(out, axis))
-    return out, jnp.sum(weights * jnp.where(weights == 0, 0, dx), axis=axis)
+    e, total, lse = _shifted_sum(x, axis)
+    weights = e / jnp.where(total == 0, 1, total)
+    tangent = jnp.sum(weights * dx, axis=axis)
+    return jnp.squeeze(lse, axis=axis), tangent
 
 
 def _softmax_from(x: jax.Array, lse: jax.Array) -> jax.Array:
-    """``exp(x - lse)`` with 0 wherever ``lse = −∞`` (an all −∞ row); NaN propagates."""
-    empty = lse == NEG_INF
-    return jnp.exp(jnp.where(empty, NEG_INF, x - jnp.where(empty, 0, lse)))
+    """``exp(x - lse)`` with 0 on an all −∞ row (``lse = −∞``: its entries are −∞ and ``0`` is
+    subtracted, a ``where`` on the reduced row only); NaN propagates."""
+    return jnp.exp(x - jnp.where(lse == NEG_INF, 0, lse))
 
 
 def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``x - logsumexp(x)`` over ``axis``; an all −∞ row stays −∞ (gradient 0); NaN in, NaN out.
+    """``x - logsumexp(x)`` over ``axis``; an all −∞ row stays −∞ (finite gradient); NaN in, NaN
+    out.
 
     Example:
         >>> import jax.numpy as jnp
         >>> print(log_softmax(jnp.array([0.0, -jnp.inf])))
         [  0. -inf]
     """
-    lse = jnp.expand_dims(logsumexp(x, axis), axis)
-    empty = lse == NEG_INF  # NaN propagates: a NaN logit must not pass for an excluded action
-    return jnp.where(empty, NEG_INF, x - jnp.where(empty, 0, lse))
+    lse = logsumexp(x, axis)
+    # an all −∞ row has lse = −∞: subtract 0 there (−∞ − 0 = −∞); NaN propagates through lse
+    return x - jnp.expand_dims(jnp.where(lse == NEG_INF, 0, lse), axis)
 
 
 def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -100,16 +109,3 @@ def categorical_kl(log_p: jax.Array, log_q: jax.Array, axis: int = -1) -> jax.Ar
     gap = jnp.where(absent | missing, 0, log_p - jnp.where(absent | missing, 0, log_q))
     terms = jnp.where(missing, jnp.inf, jnp.where(absent, 0, jnp.exp(log_p) * gap))
     return jnp.sum(terms, axis=axis)
-
-
-def first_nan_or_pos_inf(x) -> tuple[int, ...] | None:
-    """Index of the first NaN or +∞ in a concrete array, else None (also None under tracing).
-
-    Scores in seqppl are finite or −∞ (a hard constraint); validation uses this to refuse the
-    rest eagerly with the offending index.
-    """
-    if isinstance(x, jax.core.Tracer):
-        return None
-    x = np.asarray(x)
-    bad = np.isnan(x) | (x == np.inf)
-    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None

@@ -42,6 +42,7 @@ from seqppl.estimate import (
 )
 from seqppl.logspace import logsumexp, softmax
 from seqppl.sharding import shard_batch, to_host
+from seqppl.tables import per_decision
 
 __all__ = ["sequential_monte_carlo", "resample", "RESAMPLING"]
 
@@ -164,7 +165,7 @@ def _twist(ebm, twist) -> _Twist:
             lambda acc, tokens, token, done, log_pi, t: (acc + log_pi,) * 2,
         )
     if twist == "exact":
-        joint, table = ebm.joint, ebm.reward_table()
+        joint, table = ebm.joint, per_decision(ebm.reward_table(), ebm.space.horizon)
         values, delta = soft_values(joint, table, trusted=True), jnp.asarray(joint.delta)
         start = joint.initial_state(ebm.prompt, trusted=True)
         eos = ebm.space.eos_sentinel

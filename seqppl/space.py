@@ -98,25 +98,43 @@ class SequenceSpace:
         """bool ``[A]``: the actions after which a response goes on (every action but EOS)."""
         return np.arange(self.num_actions) != self.eos_sentinel
 
+    def first_eos(self, tokens) -> jax.Array:
+        """The position of the first EOS in each row, int ``[...]`` (``T`` where there is none,
+        and in a fixed-length space): one min-reduction, not a cumulative sum over time."""
+        tokens = jnp.asarray(tokens)
+        length = tokens.shape[-1]
+        if not self.eos:
+            return jnp.full(tokens.shape[:-1], length, jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+        return jnp.min(jnp.where(tokens == self.vocab_size, positions, length), -1)
+
     def active(self, tokens) -> jax.Array:
         """Positions that count, bool ``[..., T]``: up to and including the first EOS."""
         tokens = jnp.asarray(tokens)
         if not self.eos:
             return jnp.ones(tokens.shape, bool)
-        is_eos = tokens == self.vocab_size
-        return (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+        return positions <= self.first_eos(tokens)[..., None]
 
     def after_eos(self, tokens, scores) -> jax.Array:
-        """Per-position ``scores [..., T]`` with the EOS padding rule applied.
+        """Per-position ``scores [..., T]`` with the support's rules applied entry by entry, so
+        that their sum is −∞ exactly for the arrays that are not sequences of the space.
 
-        Positions after the first EOS become 0 if they hold EOS and −∞ otherwise; ids outside
-        ``[0, A)`` become −∞ wherever they are.
+        Ids outside ``[0, A)`` become −∞ wherever they are. With EOS, positions after the first
+        EOS become 0 if they hold EOS and −∞ otherwise, and a last entry other than EOS is −∞
+        (a response ends by the horizon).
         """
         tokens = jnp.asarray(tokens)
         in_range = (tokens >= 0) & (tokens < self.num_actions)
+        if not self.eos:
+            return jnp.where(in_range, scores, -jnp.inf)
+        is_eos = tokens == self.eos_id
         active = self.active(tokens)
-        padding_ok = active | (tokens == self.eos_sentinel)
-        return jnp.where(in_range & padding_ok, jnp.where(active, scores, 0), -jnp.inf)
+        before_last = jnp.broadcast_to(
+            jnp.arange(tokens.shape[-1]) < self.horizon - 1, is_eos.shape
+        )
+        ok = in_range & (active | is_eos) & (before_last | is_eos)
+        return jnp.where(ok, jnp.where(active, scores, 0), -jnp.inf)
 
     def mask_logits(self, logits, table: bool = False) -> jax.Array:
         """−∞ on every non-EOS action at a variable-length space's last decision.

@@ -219,3 +219,17 @@ def distillation_errors(r, lat_r, q, lat_q, prompt=None) -> dict:
         "per_position_kl": per_position,
         "logit_error": epsilon,
     }
+
+
+def backward_values_np(r, delta, horizon: int, eos_id=None) -> np.ndarray:
+    """``V[0]`` ``[S]`` of a homogeneous table ``r [S, A]`` by a float64 log-space scan in NumPy
+    (``V[T] = 0``, or −∞ with EOS; EOS leads to value 0): the DP's oracle where enumeration is
+    out of reach."""
+    S, A = r.shape
+    v = np.full(S, -np.inf if eos_id is not None else 0.0)
+    for _ in range(horizon):
+        following = (
+            np.where(np.arange(A) == eos_id, 0.0, v[delta]) if eos_id is not None else v[delta]
+        )
+        v = logsumexp_np(r + following, axis=-1)
+    return v

@@ -351,3 +351,42 @@ def test_review_regressions_padding_vmap_nan_and_shapes():
         sp.Lattice.prefix_tree(sp.SequenceSpace(2, 30000))
     states = lat.states(np.array([0, 1, 2]), prompt=np.array([[0], [1]]))
     np.testing.assert_array_equal(states, [[0, 0, 1], [1, 0, 1]])
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+@pytest.mark.parametrize("eos", [False, True])
+def test_homogeneous_dp_is_exact_where_exponentiating_once_underflows(scale, eos):
+    """A homogeneous table runs in exp space (one exponential of the table, then products);
+    with rewards of scale 1e3 its terms underflow and the DP must fall back to log space: both
+    equal a float64 NumPy log-space scan (V = 100, T = 64, Markov(1), Markov(2), an automaton)."""
+    space = sp.SequenceSpace(12, 40, eos=eos)
+    rng = np.random.default_rng(int(scale) + eos)
+    delta = rng.integers(0, 30, size=(30, space.vocab_size))
+    for lat in (
+        sp.Lattice.markov(space, 1),
+        sp.Lattice.markov(space, 2),
+        sp.Lattice.automaton(space, delta),
+    ):
+        r = scale * rng.standard_normal((lat.num_states, space.num_actions))
+        r[rng.random(r.shape) < 0.1] = -np.inf
+        if eos:
+            r[:, space.eos_id] = np.where(np.isinf(r[:, space.eos_id]), 0.0, r[:, space.eos_id])
+        expected = oracles.backward_values_np(
+            r, np.where(np.arange(space.num_actions) == space.eos_id, 0, lat.delta),
+            space.horizon, space.eos_id,
+        )  # fmt: skip
+        got = np.asarray(sp.bellman.root_values(lat, r))
+        assert_close(got, expected, tolerance(np.float64, space.horizon, scale), lat.kind)
+        np.testing.assert_allclose(sp.soft_values(lat, r)[0], got, rtol=1e-12)
+
+
+def test_gradient_of_the_exp_space_pass_is_the_occupancy():
+    """The exp-space pass of a homogeneous table (well scaled: no fallback) differentiates to
+    the occupancy summed over decisions, computed by the log-space pass of the [T, S, A] copy."""
+    space = sp.SequenceSpace(5, 6, eos=True)
+    lat = sp.Lattice.markov(space, 1)
+    r = np.random.default_rng(1).standard_normal((lat.num_states, space.num_actions))
+    grad = jax.grad(lambda t: sp.bellman.root_values(lat, t)[lat.initial])(jnp.asarray(r))
+    occupancy = sp.occupancy(lat, r).sum(0)
+    np.testing.assert_allclose(grad, occupancy, rtol=1e-10, atol=1e-12)
+    assert np.isfinite(grad).all()

@@ -60,6 +60,23 @@ def test_automaton_and_product_states_follow_delta(space, data):
         np.testing.assert_array_equal(states, pair_states)
 
 
+@given(spaces(), st.integers(0, 3), st.integers(0, 2), st.data())
+def test_markov_states_read_off_the_context_equal_running_delta(space, order, other, data):
+    """A Markov lattice (and a product of two) computes its states from the last k tokens with
+    no scan: equal to running the same δ from the same start at every position, after EOS
+    included (where the state stays put)."""
+    prompt = data.draw(prompts(space))
+    seqs = _paths(space)
+    for lat in (
+        sp.Lattice.markov(space, order),
+        sp.Lattice.markov(space, order).product(sp.Lattice.markov(space, other)),
+    ):
+        assert lat.reads_context
+        walked = sp.Lattice.automaton(space, lat.delta, lat.initial)  # the same δ, scanned
+        assert not walked.reads_context
+        np.testing.assert_array_equal(lat.states(seqs, prompt), walked.states(seqs, prompt))
+
+
 def test_states_batch_prompts_and_jit():
     space = sp.SequenceSpace(vocab_size=3, length=2, eos=True)
     lat = sp.Lattice.markov(space, order=2)

@@ -149,8 +149,8 @@ def test_layers_import_downwards_only():
     """DESIGN's layers: each module imports only from its own layer and those below."""
     layer = {
         **dict.fromkeys(["space", "logspace", "checks", "sharding", "diagnostics"], 1),
-        **dict.fromkeys(["tables", "lattice"], 2),
-        "bellman": 3,
+        **dict.fromkeys(["tables", "lattice", "products"], 2),
+        **dict.fromkeys(["backward", "bellman"], 3),
         "distributions": 4,
         **dict.fromkeys(["estimate", "importance", "smc", "partition", "train", "loop"], 5),
         **dict.fromkeys(["objectives", "distill", "report", "distillation_report"], 6),

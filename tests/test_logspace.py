@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import seqppl as sp
-from seqppl.logspace import first_nan_or_pos_inf
+from seqppl.checks import first_invalid
 
 from . import oracles
 from .strategies import tolerance
@@ -86,13 +86,13 @@ def test_nan_and_pos_inf_propagate_instead_of_hiding():
 
 
 @given(st.integers(0, 11), st.sampled_from([np.nan, np.inf]))
-def test_first_nan_or_pos_inf_finds_the_bad_entry_and_accepts_neg_inf(position, bad):
+def test_first_invalid_finds_the_bad_entry_and_accepts_neg_inf(position, bad):
     x = np.zeros((3, 4))
     x[0, 0] = -np.inf
-    assert first_nan_or_pos_inf(x) is None
+    assert first_invalid(x) is None
     if position != 0:
         x.flat[position] = bad
-        assert first_nan_or_pos_inf(jnp.asarray(x)) == np.unravel_index(position, x.shape)
+        assert first_invalid(jnp.asarray(x)) == np.unravel_index(position, x.shape)
     seen = []
-    jax.jit(lambda a: seen.append(first_nan_or_pos_inf(a)) or a)(jnp.asarray(x))
+    jax.jit(lambda a: seen.append(first_invalid(a)) or a)(jnp.asarray(x))
     assert seen == [None]  # traced values are not inspected

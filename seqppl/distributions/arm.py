@@ -167,10 +167,7 @@ class ARM(Distribution):
             self._validate_sample(value)
         if value.ndim == 0 or value.shape[-1] != self.space.horizon:
             return jnp.full(value.shape[:-1], -jnp.inf)
-        ok = self.support(value)
-        safe = jnp.where(ok[..., None], value, self.support.feasible_like(value)).astype(jnp.int32)
-        log_p = self.source.log_prob(safe, self.prompt)
-        return jnp.where(jnp.broadcast_to(ok, log_p.shape), log_p, -jnp.inf)
+        return self.source.log_prob(value.astype(jnp.int32), self.prompt)
 
     def sample_with_intermediates(self, key, sample_shape=()):
         """``(tokens [*sample, *batch, T], [step log-probs [*sample, *batch, T]])``."""

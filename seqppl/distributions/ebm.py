@@ -10,13 +10,14 @@ estimator and trainer follow that one answer.
 
 from __future__ import annotations
 
+import functools
 from functools import cached_property
 
 import jax
 import jax.numpy as jnp
 from numpyro.distributions import Distribution
 
-from seqppl.bellman import soft_bellman, soft_values
+from seqppl.bellman import root_values, soft_bellman
 from seqppl.checks import check_key, check_same_space, refuse_invalid
 from seqppl.distributions.ancestral import ancestral_sample
 from seqppl.distributions.logits import TableLogits
@@ -27,7 +28,6 @@ from seqppl.distributions.parts import (
     ReferenceLogProb,
     RewardFunction,
     RewardTable,
-    weighted,
 )
 from seqppl.distributions.routes import AttachedLogZ, ExactRoute, NoExactRoute
 from seqppl.distributions.support import (
@@ -38,8 +38,9 @@ from seqppl.distributions.support import (
     map_in_chunks,
     map_over_batch,
 )
-from seqppl.lattice import Lattice, joint_lattice, lift_to_joint
+from seqppl.lattice import Lattice
 from seqppl.logspace import logsumexp
+from seqppl.products import joint_lattice, lift_to_joint
 from seqppl.space import ENUMERATION_CHUNK, MAX_ENUMERATE, SequenceSpace
 from seqppl.tables import check_table, per_decision, table_batch_shape
 
@@ -143,8 +144,7 @@ class EBM(Distribution):
         if all(part.lattice is not None for part in self.parts):
             return ExactRoute.DYNAMIC_PROGRAM
         if len(self.parts) == 1 and isinstance(self.parts[0], PathRewards):
-            scale = self.parts[0].scale
-            if not isinstance(scale, jax.core.Tracer) and float(scale) == 1.0:
+            if self.parts[0].scale is None:  # unscaled: the EBM is the ARM itself
                 return ExactRoute.ARM
         if self.space.num_sequences <= MAX_ENUMERATE:
             return ExactRoute.ENUMERATION
@@ -193,20 +193,23 @@ class EBM(Distribution):
         return jnp.where(ok, total, -jnp.inf)
 
     def reward_table(self) -> jax.Array:
-        """DP route: local rewards ``[*B, T, S, A]`` on ``self.joint`` (parts lifted and summed;
-        ``B`` the broadcast batch of the parts' tables, often empty)."""
+        """DP route: local rewards on ``self.joint`` (parts lifted and summed): ``[S, A]`` when
+        every part's table is homogeneous (no copy per decision), else ``[*B, T, S, A]`` (``B``
+        the broadcast batch of the parts' tables, often empty)."""
         if not self.is_lattice:
             raise NoExactRoute("reward_table needs every part on a lattice")
         T = self.space.horizon
         lattices = [part.lattice for part in self.parts]
-        tables = [per_decision(part.local_rewards(), T) for part in self.parts]
-        batch = batch_shape_of(None, None, *(table_batch_shape(t) for t in tables))
-        total = 0
-        for part, table in zip(self.parts, tables, strict=True):
-            table = jnp.broadcast_to(table, (*batch, *table.shape[-3:]))
-            table = lift_to_joint(self.joint, lattices, part.lattice, table)
-            total = total + (table if part.hard else weighted(part.scale, table))
-        return total
+        tables = [part.local_rewards() for part in self.parts]
+        if any(jnp.ndim(t) > 2 for t in tables):  # else all homogeneous: stay [S, A]
+            tables = [per_decision(t, T) for t in tables]
+            batch = batch_shape_of(None, None, *(table_batch_shape(t) for t in tables))
+            tables = [jnp.broadcast_to(t, (*batch, *t.shape[-3:])) for t in tables]
+        terms = [
+            part.weighted(lift_to_joint(self.joint, lattices, part.lattice, table))
+            for part, table in zip(self.parts, tables, strict=True)
+        ]
+        return functools.reduce(jnp.add, terms)  # no "0 + table": XLA keeps that pass
 
     def exact_logits(self) -> jax.Array:
         """DP route: the ARM logits ``q = M(r)`` ``[*B, T, S, A]`` on ``self.joint``, computed
@@ -245,10 +248,10 @@ class EBM(Distribution):
             table, joint = self.reward_table(), self.joint
 
             def root_value(table, prompt):
-                values = soft_values(joint, table, trusted=True)
-                return values[0, joint.initial_state(prompt, trusted=True)]
+                values = root_values(joint, table, trusted=True)
+                return values[joint.initial_state(prompt, trusted=True)]
 
-            if table.ndim == 3:  # one DP serves every prompt
+            if table.ndim <= 3:  # one DP serves every prompt
                 return root_value(table, self.prompt)
             return map_over_batch(root_value, self.batch_shape, table, self.prompt)
         if route is ExactRoute.ARM:

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.bellman import occupancy
-from seqppl.distributions.support import map_over_batch
+from seqppl.distributions.support import SequenceSupport, map_over_batch
 from seqppl.lattice import Lattice
-from seqppl.logspace import log_softmax, logsumexp
+from seqppl.logspace import log_softmax
 from seqppl.space import SequenceSpace
 from seqppl.tables import path_entries, path_rows, per_decision, step_rows, table_batch_shape
 
@@ -99,23 +99,25 @@ class TableLogits:
         return log_softmax(space.mask_logits(full, table=True), -1)
 
     def log_prob(self, tokens, prompt) -> jax.Array:
-        """``log p_q(y)`` ``[...]`` of well-formed int32 ``tokens [..., T]``.
+        """``log p_q(y)`` ``[...]`` of int32 ``tokens [..., T]``; −∞ for arrays outside the
+        support, decided entry by entry in the same pass (``space.after_eos``), never NaN.
 
-        An ``[S, A]`` table normalises its ``S`` rows once (no ``[T, S, A]`` copy); at the last
-        decision of an EOS space only EOS is allowed, which a well-formed sequence takes with
-        probability 1 (or 0 where the table forbids it).
+        An ``[S, A]`` table normalises its ``S`` rows once (no ``[T, S, A]`` copy) and reads one
+        entry per token; at the last decision of an EOS space only EOS is allowed, which a
+        sequence takes with probability 1 (or 0 where the table forbids it).
         """
         space, q = self.lattice.space, self.table
-        states = self.lattice.states(tokens, prompt, trusted=True)
+        safe = jnp.where((tokens >= 0) & (tokens < space.num_actions), tokens, 0)
+        states = self.lattice.states(safe, prompt, trusted=True, exact_after_eos=False)
         if q.ndim == 2:
-            steps = q[states, tokens] - logsumexp(q, -1)[states]
+            steps = path_entries(log_softmax(q, -1), states, safe)  # one gather
             if space.eos:
                 last = q[states[..., -1], space.eos_id]
                 steps = steps.at[..., -1].set(jnp.where(last == -jnp.inf, -jnp.inf, 0.0))
-        else:
-            steps = path_entries(self.log_policy_table(), states, tokens)
-        active = jnp.broadcast_to(space.active(tokens), steps.shape)
-        return jnp.sum(jnp.where(active, steps, 0), -1)
+        else:  # normalised once, then one gather (not a normaliser gathered per entry)
+            log_pi = jax.lax.optimization_barrier(self.log_policy_table())
+            steps = path_entries(log_pi, states, safe)
+        return jnp.sum(space.after_eos(jnp.broadcast_to(tokens, steps.shape), steps), -1)
 
     def decoder(self, shape, prompt):
         """``(lattice states [*shape], next_logits, advance)`` for ``ancestral_sample``; the
@@ -192,11 +194,16 @@ class FunctionLogits:
         raise ValueError("log_policy_table needs a table ARM (ARM.from_table)")
 
     def log_prob(self, tokens, prompt) -> jax.Array:
-        """``log p_q(y)`` ``[...]`` of well-formed int32 ``tokens [..., T]``: one teacher-forced
-        pass, the space's last-decision mask applied."""
-        log_pi = log_softmax(self.space.mask_logits(self.logits(tokens, prompt)), -1)
-        chosen = jnp.take_along_axis(log_pi, tokens[..., None], -1)[..., 0]
-        return jnp.sum(jnp.where(self.space.active(tokens), chosen, 0), -1)
+        """``log p_q(y)`` ``[...]`` of int32 ``tokens [..., T]``: one teacher-forced pass, the
+        space's last-decision mask applied. Arrays outside the support score −∞; they are
+        replaced by a feasible sequence before ``fn`` sees them (it may index with tokens)."""
+        space = self.space
+        ok = SequenceSupport(space)(tokens)
+        safe = jnp.where(ok[..., None], tokens, SequenceSupport(space).feasible_like(tokens))
+        log_pi = log_softmax(space.mask_logits(self.logits(safe, prompt)), -1)
+        chosen = jnp.take_along_axis(log_pi, safe[..., None], -1)[..., 0]
+        log_p = jnp.sum(jnp.where(space.active(safe), chosen, 0), -1)
+        return jnp.where(jnp.broadcast_to(ok, log_p.shape), log_p, -jnp.inf)
 
     def decoder(self, shape, prompt):
         """``(token buffer [*shape, T], next_logits, advance)``: the whole buffer re-evaluated

@@ -1,7 +1,8 @@
 """The parts of an EBM: each a sequence reward that answers for itself.
 
-An EBM's reward is a sum over its parts, ``R(x, y) = Σ_i scale_i · R_i(x, y)``; a hard part (a
-constraint, 0 or −∞) is never scaled, and scaling keeps −∞ at −∞. Each part is a frozen pytree
+An EBM's reward is a sum over its parts, ``R(x, y) = Σ_i scale_i · R_i(x, y)``; a part's scale
+is None (1, no multiplication at all) until ``scaled`` gives it one, a hard part (a constraint,
+0 or −∞) is never scaled, and scaling keeps −∞ at −∞. Each part is a frozen pytree
 (tables, parameters, scales and nested ARMs are data; lattices and functions are static) and
 answers:
 
@@ -45,17 +46,22 @@ def weighted(scale, reward) -> jax.Array:
 
 
 class _Scaled:
-    """Members shared by the soft parts, which carry a ``scale``."""
+    """Members shared by the soft parts, which carry a ``scale`` (None: 1, nothing to multiply;
+    data, so that ``β`` of a tilt stays differentiable)."""
 
     hard = False
 
     def scaled(self, beta):
         """This part with its reward multiplied by ``beta``."""
-        return dataclasses.replace(self, scale=beta * self.scale)
+        return dataclasses.replace(self, scale=beta if self.scale is None else beta * self.scale)
 
     def weighted_score(self, tokens, prompt, space) -> jax.Array:
         """``scale · R_i`` ``[...]`` (−∞ kept)."""
-        return weighted(self.scale, self.score(tokens, prompt, space))
+        return self.weighted(self.score(tokens, prompt, space))
+
+    def weighted(self, values) -> jax.Array:
+        """``scale · values`` (−∞ kept), or ``values`` unchanged when the scale is None."""
+        return values if self.scale is None else weighted(self.scale, values)
 
 
 class _OnLattice:
@@ -90,7 +96,7 @@ class RewardTable(_OnLattice, _Scaled):
 
     table: jax.Array
     lattice: Lattice
-    scale: Any = 1.0
+    scale: Any = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -111,13 +117,17 @@ class Constraint(_OnLattice):
         """``R_i`` itself (0 or −∞)."""
         return self.score(tokens, prompt, space)
 
+    def weighted(self, values) -> jax.Array:
+        """``values`` unchanged: a constraint is never scaled."""
+        return values
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReferenceLogProb(_Scaled):
     """A reference ARM's ``log p_ref(y)`` (the base of a tilt); a table when the ARM is one."""
 
     arm: Any
-    scale: Any = 1.0
+    scale: Any = None
 
     @property
     def params(self):
@@ -153,7 +163,7 @@ class PathRewards(_Scaled):
     = log p_q(y) + V_q(x)``, so the EBM is the ARM and ``log Z = V_q(x)``."""
 
     arm: Any
-    scale: Any = 1.0
+    scale: Any = None
     lattice = None
 
     @property
@@ -189,7 +199,7 @@ class RewardFunction(_Scaled):
 
     fn: Any
     params: Any = None
-    scale: Any = 1.0
+    scale: Any = None
     lattice = None
     batch_shape = ()
 
