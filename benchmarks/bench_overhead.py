@@ -17,7 +17,12 @@ and why a second row compares it with a plain exp-space scan; importance samplin
 the statistics of its standard error, ESS and ELBO besides ``log Ẑ``.
 
     python benchmarks/bench_overhead.py           # float64, V = 100, T = 64, 10,000 sequences
-    python benchmarks/bench_overhead.py --tiny    # seconds: the smoke run the tests use
+    python benchmarks/bench_overhead.py --tiny    # seconds: the smoke run of make test-all
+    python benchmarks/bench_overhead.py --small --max-ratio 2   # make test's regression guard
+
+``--small`` (V = 48, T = 24, 2,000 sequences) is the smallest size at which the ratios measure
+the work rather than the fixed cost of a call; ``--max-ratio`` exits with status 1 when a ratio
+exceeds it, naming the rows.
 """
 
 from __future__ import annotations
@@ -294,17 +299,26 @@ def run(vocab, horizon, num_seqs, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke run)")
+    parser.add_argument("--small", action="store_true", help="V=48, T=24, 2,000 sequences")
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--max-ratio", type=float, help="exit 1 if a ratio exceeds this")
     args = parser.parse_args()
-    vocab, horizon, num_seqs = (10, 8, 200) if args.tiny else (100, 64, 10_000)
+    vocab, horizon, num_seqs = (
+        (10, 8, 200) if args.tiny else (48, 24, 2000) if args.small else (100, 64, 10_000)
+    )
     rows = run(vocab, horizon, num_seqs, args.repeats)
     print(f"jax {jax.__version__}, device {jax.devices()[0]}, float64, V={vocab} T={horizon}\n")
     print("| work | seqppl (ms) | plain jnp (ms) | ratio | seqppl also does |")
     print("|---|---|---|---|---|")
     for work, ours, plain, ratio, note in rows:
         print(f"| {work} | {ours * 1e3:.3f} | {plain * 1e3:.3f} | {ratio:.2f} | {note} |")
-    return rows
+    over = [
+        f"{work}: {ratio:.2f}" for work, _, _, ratio, _ in rows if ratio > (args.max_ratio or 1e9)
+    ]
+    if over:
+        print(f"\nratio above {args.max_ratio}: " + "; ".join(over))
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

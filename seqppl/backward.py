@@ -20,8 +20,11 @@ from seqppl.lattice import Lattice
 from seqppl.logspace import NEG_INF, logsumexp
 
 HIGHEST = jax.lax.Precision.HIGHEST
+EXP_SPACE_CELLS = 1024
+"""Smallest ``S·A`` for which a homogeneous table's pass runs in exp space (below it the check
+of that pass costs more than the exponentials it saves)."""
 
-__all__ = ["backward", "next_state_index", "SCHEDULES"]
+__all__ = ["backward", "next_state_index", "SCHEDULES", "EXP_SPACE_CELLS"]
 
 SCHEDULES = ("sequential", "parallel")
 """Schedules of the backward pass (``method=``): a ``lax.scan`` over time, or an associative
@@ -70,11 +73,11 @@ def _backward_scan(next_index, r, *, horizon, eos, keep, markov_rows=None):
     lattice of order ≥ 2 (``markov_rows = (V+1)^(k−1)``), a reshape: state ``s = c0·rows +
     rest`` moves to ``rest·(V+1) + a``, whatever ``c0``.
 
-    A homogeneous ``[S, A]`` table whose continuation is structured (a slice, a reshape, or one
-    row for every state) is exponentiated once, ``E = exp(r − max_a r)``, and each step is then
-    a product with ``exp(V[t+1] − max V[t+1])`` (no exponential per entry):
-    ``V[t, s] = log u_s + max_a r[s] + max V[t+1]`` with
-    ``u = Σ_a E · exp(...)``. Where ``u_s ≥ τ = A · tiny · 2^(mantissa + 2)`` every term that
+    A homogeneous ``[S, A]`` table (``S·A ≥ EXP_SPACE_CELLS``) whose continuation is structured
+    (a slice, a reshape, or one row for every state) is exponentiated once, ``E = exp(r −
+    max_a r)``, and each step is then a product with ``exp(V[t+1] − max V[t+1])`` (no
+    exponential per entry): ``V[t, s] = log u_s + max_a r[s] + max V[t+1]`` with ``u = Σ_a E ·
+    exp(...)``. Where ``u_s ≥ τ = A · tiny · 2^(mantissa + 2)`` every term that
     underflowed lies below the last bit of the result, so it is exact to rounding. If any row of
     any step falls below ``τ`` (all −∞ rows among them), the whole pass is redone in log space,
     ``V[t, s] = logsumexp_a r + V[t+1, δ]``, which is also the pass of ``[T, S, A]`` tables and
@@ -89,6 +92,7 @@ def _backward_scan(next_index, r, *, horizon, eos, keep, markov_rows=None):
     # exp space pays where the continuation is structured (a slice, a reshape, one row for every
     # state: products instead of exponentials); a gather through a full δ stays in log space
     structured = markov_rows is not None or next_index is None or next_index.shape[0] == 1
+    exp_space = homogeneous and structured and num_states * num_actions >= EXP_SPACE_CELLS
 
     def continuation(v_next, ended=0.0):
         """``v_next[δ(s, a)]``, broadcastable against a step's rewards; EOS gets ``ended`` (the
@@ -126,7 +130,7 @@ def _backward_scan(next_index, r, *, horizon, eos, keep, markov_rows=None):
         root, out = run(log_space_step, end)
         return root if keep == "root" else out
 
-    if not (homogeneous and structured):
+    if not exp_space:
         return log_space()
     row_max = jnp.max(r, -1)
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))

@@ -1,5 +1,7 @@
 """ARM and EBM: normalisation, sampling (χ²), shapes, pytrees, conversions, bad input."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -371,3 +373,25 @@ def test_inverse_cdf_draws_match_the_row_and_never_zero_mass(dtype, scale, cdf):
         if len(e) > 1:
             assert stats.chi2.sf(((c - e) ** 2 / e).sum(), len(e) - 1) > CHI2_ALPHA
         assert counts[~keep].sum() <= max(20, 4 * n * p[~keep].sum())
+
+
+@pytest.mark.parametrize("eos", [False, True])
+def test_homogeneous_tables_are_never_copied_per_decision(eos):
+    """log_prob and sampling from an [S, A] table: no array of the compiled programs has T·S·A
+    entries or more (no [T, S, A] copy, however reshaped)."""
+    space = sp.SequenceSpace(6, 10, eos=eos)  # T = 10 or 11
+    lat = sp.Lattice.markov(space, 2)  # S = 49
+    q = np.random.default_rng(2).standard_normal((lat.num_states, space.num_actions))
+    arm = sp.ARM.from_table(lat, q)
+    y = arm.sample(jax.random.key(0), (13,))
+    cells = space.horizon * lat.num_states * space.num_actions
+    for name, fn, args in (
+        ("log_prob", lambda d, y: d.log_prob(y), (arm, y)),
+        ("sample", lambda d, k: d.sample(k, (13,)), (arm, jax.random.key(1))),
+    ):
+        text = jax.jit(fn).lower(*args).compile().as_text()
+        sizes = [
+            int(np.prod([int(d) for d in dims.split(",") if d]))
+            for dims in re.findall(r"\b[fsu](?:32|64|8|16)\[([0-9,]*)\]", text)
+        ]
+        assert sizes and max(sizes) < cells, (name, max(sizes), cells)
