@@ -109,14 +109,10 @@ def main(argv=None):
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from seqppl.models.demo import distillation_figure  # the demo's figure, same task
 
         args.out.mkdir(parents=True, exist_ok=True)
-        fig, axes = plt.subplots(1, 3, figsize=(15, 3.4))
-        local_report.plot(axes[0]).set_title(f"constrained: KL {local_report.kl_reverse:.3g}")
-        student_report.plot(axes[1]).set_title(f"distilled: KL {student_report.kl_reverse:.3g}")
-        sp.plot_distillation_history(history, axes[2])
-        fig.tight_layout()
+        fig = distillation_figure(local_report, student_report, history)
         fig.savefig(args.out / "lookahead.png", dpi=120)
         for name, report in (("constrained", local_report), ("distilled", student_report)):
             report.to_datatree().to_netcdf(args.out / f"{name}_report.nc")

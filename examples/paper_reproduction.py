@@ -1,4 +1,5 @@
-"""The paper's exact-risk experiment (THEORY §5), reduced: teacher forcing reaches the EBM optimum.
+"""The paper's exact-risk experiment (docs/theory.md#the-papers-experiments), reduced: teacher
+forcing reaches the EBM optimum.
 
 A Transformer EBM and a Transformer ARM (v8t4-n2: V = 8, T = 4, two blocks of width 16) are each
 trained on the exact risk over all 4,096 sequences of a Zipf target. The EBM's final reward R* is

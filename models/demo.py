@@ -20,7 +20,7 @@ from seqppl.models.tasks import digit_sum_task, locally_masked_arm, lookahead_st
 
 import seqppl as sp
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "demo_figures", "distillation_figure", "report_markdown"]
 
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
@@ -78,11 +78,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     z_score = (estimate.log_z - log_z) / estimate.stderr
     print(f"importance sampling with the student [{time.perf_counter() - started:.0f} s]")
 
+    warned = f" ({len(estimate.messages)} warnings below)" if estimate.messages else ""
     rows = [
         ("log Z (exact, DP)", f"{log_z:.5f}"),
         ("log Z (IS, student proposal)", f"{estimate.log_z:.5f} ± {estimate.stderr:.5f}"),
         ("(estimate − exact) / stderr", f"{z_score:+.2f}"),
-        ("IS ESS / k-hat", f"{estimate.ess:.0f} / {estimate.khat:.2f}"),
+        ("IS ESS / k-hat", f"{estimate.ess:.0f} / {estimate.khat:.2f}{warned}"),
         ("KL(constrained decoder ‖ target)", f"{constrained_report.kl_reverse:.4f}"),
         ("KL(student ‖ target)", f"{report.kl_reverse:.4f}"),
         ("KL(target ‖ student)", f"{report.kl_forward:.4f}"),
@@ -94,28 +95,28 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     ]
     table = ["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     print("\n" + "\n".join(table))
+    for message in estimate.messages:
+        print(f"warning (IS estimate): {message}")
 
-    _figures(out, constrained_report, report, history, estimate)
+    figures = demo_figures(constrained_report, report, history, estimate)
+    import matplotlib.pyplot as plt  # after demo_figures chose the Agg backend
+
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
     report.to_datatree().to_netcdf(out / "student_report.nc")
     constrained_report.to_datatree().to_netcdf(out / "constrained_report.nc")
     estimate.to_datatree().to_netcdf(out / "is_estimate.nc")
     seconds = time.perf_counter() - started
-    per_position = "\n".join(
-        f"| {t} | {a:.5f} | {b:.5f} |"
-        for t, (a, b) in enumerate(
-            zip(constrained_report.per_position_kl, report.per_position_kl, strict=True)
-        )
-    )
-    (out / "report.md").write_text(
+    header = (
         f"# seqppl demo ({'quick' if quick else 'full'}, seed {seed})\n\n"
         f"Target: bigram over digits 0..3, at most {length}, digit sum divisible by 3 "
         f"({space.num_sequences:,} sequences). Exact ARM: {valid:.0%} of 4,096 samples valid, "
         f"max |log p_ARM − log p_EBM| = {gap:.1e}. Student: constrained decoder + Transformer, "
-        f"{steps} reverse-KL steps.\n\n" + "\n".join(table) + "\n\n"
-        "## Per-position KL(· ‖ target)\n\n| t | constrained | student |\n|---|---|---|\n"
-        f"{per_position}\n\n![distillation](distillation.png)\n\n![weights](is_weights.png)\n\n"
-        f"Wall time {seconds:.0f} s.\n"
+        f"{steps} reverse-KL steps.\n"
     )
+    text = report_markdown(header, rows, constrained_report, report, estimate)
+    (out / "report.md").write_text(text + f"\nWall time {seconds:.0f} s.\n")
     print(f"\nwrote {out / 'report.md'}, figures and DataTrees ({seconds:.0f} s)")
     return {
         "log_z": log_z,
@@ -129,24 +130,54 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     }
 
 
-def _figures(out, constrained_report, report, history, estimate):
+def report_markdown(header: str, rows, constrained_report, report, estimate) -> str:
+    """``report.md``: ``header``, the table of ``rows`` (quantity, value), the IS estimate's
+    warnings beneath it (``estimate.messages``), the per-position KLs and the figures."""
+    table = ["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    warned = ["\n".join(f"- **warning (IS estimate):** {m}" for m in estimate.messages)]
+    per_position = "\n".join(
+        f"| {t} | {a:.5f} | {b:.5f} |"
+        for t, (a, b) in enumerate(
+            zip(constrained_report.per_position_kl, report.per_position_kl, strict=True)
+        )
+    )
+    sections = [
+        header.rstrip(),
+        "\n".join(table),
+        *(warned if estimate.messages else []),
+        "## Per-position KL(· ‖ target)",
+        "| t | constrained | student |\n|---|---|---|\n" + per_position,
+        "![distillation](distillation.png)",
+        "![weights](is_weights.png)",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def demo_figures(constrained_report, report, history, estimate) -> dict:
+    """The demo's figures by file name: ``distillation.png`` (both models' per-position KL on
+    one y scale, and the student's KL in training against the loose bound) and
+    ``is_weights.png`` (the importance weights, with the estimate's warnings)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    return {
+        "distillation.png": distillation_figure(constrained_report, report, history),
+        "is_weights.png": estimate.plot().figure,
+    }
+
+
+def distillation_figure(constrained_report, report, history):
+    """Three panels: the constrained decoder's and the student's per-position KL on one shared
+    y scale, and the student's KL in training against the (loose) bound; a ``Figure``."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.4))
-    constrained_report.plot(axes[0]).set_title(
-        f"constrained decoder: KL {constrained_report.kl_reverse:.3g}"
-    )
-    report.plot(axes[1]).set_title(f"distilled student: KL {report.kl_reverse:.3g}")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
+    axes[1].sharey(axes[0])
+    constrained_report.plot(axes[0], name="constrained decoder")
+    report.plot(axes[1], name="student")
+    axes[1].set_title(axes[1].get_title() + " (same y scale)")
     sp.plot_distillation_history(history, axes[2])
-    fig.tight_layout()
-    fig.savefig(out / "distillation.png", dpi=110)
-    plt.close(fig)
-    axes = estimate.plot()
-    axes.figure.savefig(out / "is_weights.png", dpi=110)
-    plt.close(axes.figure)
+    return fig
 
 
 def _worst(report) -> int:

@@ -1,4 +1,5 @@
-"""The paper's exact-risk experiments (THEORY §5): teacher-forced ARM vs exactly normalised EBM.
+"""The paper's exact-risk experiments (docs/theory.md#the-papers-experiments): teacher-forced
+ARM vs exactly normalised EBM.
 
 ``reproduce(config, target, ...)`` trains the Transformer EBM on the exact risk over every
 sequence, keeps its final reward ``R*``, then trains the Transformer ARM and, at every logged
@@ -40,6 +41,7 @@ __all__ = [
     "paper_target",
     "distance_metrics",
     "reproduce",
+    "panels_figure",
 ]
 
 
@@ -72,8 +74,9 @@ def paper_target(
     space: sp.SequenceSpace, target: str, seed: int = 0, zipf_order: str = "random"
 ) -> jax.Array:
     """``log ρ`` ``[N]`` over ``space.enumerate()``: ``"zipf"`` (``ρ ∝ rank^-1.15``, ranks a
-    seeded permutation, THEORY §5, or with ``zipf_order="lexicographic"`` the enumeration
-    order) or ``"normal"`` (``softmax(z / 0.1)``, ``z ~ N(0, I)`` seeded)."""
+    seeded permutation (docs/theory.md#the-papers-experiments), or with
+    ``zipf_order="lexicographic"`` the enumeration order) or ``"normal"`` (``softmax(z / 0.1)``,
+    ``z ~ N(0, I)`` seeded)."""
     n = space.num_sequences
     rng = np.random.default_rng(seed)
     if zipf_order not in ("random", "lexicographic"):
@@ -89,7 +92,8 @@ def paper_target(
 
 
 def distance_metrics(space, tree, log_rho, m_of_r, r_star):
-    """The ARM-side metrics of THEORY §5 against the fixed EBM reward ``R*``."""
+    """The ARM-side metrics (docs/theory.md#reproduction-metrics) against the fixed EBM reward
+    ``R*``."""
     seqs = jnp.asarray(space.enumerate())
     states = tree.states(seqs)  # [N, T]
     target_logits = m_of_r[jnp.arange(space.horizon), states]  # M(r*) at every prefix [N, T, A]
@@ -256,6 +260,34 @@ def _read_json(path: Path) -> dict:
         raise loop.CheckpointError(f"{path} is not valid JSON ({error}); delete it") from None
 
 
+def panels_figure(result: dict, settings: dict):
+    """``panels.png``: the risk gaps (left) and the ARM's logit distances to ``M(R*)`` with the
+    KL and its bound ``2T·after_map`` (right, grey dashed), each on its own labelled log scale;
+    ``result`` maps ``METRICS`` to ``[steps]`` arrays, ``settings`` holds the run's settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    for name in ("arm_gap", "ebm_gap"):
+        left.semilogy(result["step"], np.maximum(result[name], 1e-8), label=name)
+    left.set(xlabel="step", ylabel="L − H(ρ) (nats)", title="risk gaps (own y scale)")
+    for name in ("before_map", "after_map", "kl"):
+        right.semilogy(result["step"], np.maximum(result[name], 1e-8), label=name)
+    bound = np.maximum(result["bound"], 1e-8)
+    right.semilogy(result["step"], bound, "--", color="0.5", label="bound 2T·after_map")
+    right.set(xlabel="step", ylabel="nats", title="ARM logits vs M(R*) (own y scale)")
+    for ax in (left, right):
+        ax.legend(frameon=False, fontsize="small")
+    run = SimpleNamespace(**settings)
+    fig.suptitle(
+        f"{run.config}, {run.target} target, {run.steps} steps, lr {run.lr}, β₂ {run.adam_b2}, "
+        f"seed {run.seed}"
+    )
+    return fig
+
+
 def _write(out: Path, result, settings, timing):
     import matplotlib
 
@@ -268,23 +300,10 @@ def _write(out: Path, result, settings, timing):
         writer.writerow(METRICS)
         for row in zip(*(result[name] for name in METRICS), strict=True):
             writer.writerow([int(row[0]), *(f"{v:.6g}" for v in row[1:])])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("arm_gap", "ebm_gap"):
-        left.semilogy(result["step"], np.maximum(result[name], 1e-8), label=name)
-    left.set(xlabel="step", ylabel="L − H(ρ)", title="risk gaps")
-    for name in ("before_map", "after_map", "kl", "bound"):
-        right.semilogy(result["step"], np.maximum(result[name], 1e-8), label=name)
-    right.set(xlabel="step", title="ARM logits vs M(R*)")
-    for ax in (left, right):
-        ax.legend()
-    run = SimpleNamespace(**settings)
-    fig.suptitle(
-        f"{run.config}, {run.target} target, {run.steps} steps, lr {run.lr}, β₂ {run.adam_b2}, "
-        f"seed {run.seed}"
-    )
-    fig.tight_layout()
+    fig = panels_figure(result, settings)
     fig.savefig(out / "panels.png", dpi=120)
     plt.close(fig)
+    run = SimpleNamespace(**settings)
     final = {name: float(result[name][-1]) for name in METRICS[1:]}
     kl_ok = bool(np.all(result["kl"] <= result["bound"] + 1e-6))
     lines = [

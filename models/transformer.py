@@ -1,5 +1,5 @@
-"""The paper's Transformers in Flax NNX (THEORY §5): a causal ARM with a key/value cache, and a
-bidirectional EBM.
+"""The paper's Transformers in Flax NNX (docs/theory.md#the-papers-experiments): a causal ARM
+with a key/value cache, and a bidirectional EBM.
 
 Block (pre-LayerNorm): ``x ← x + Attn(LN(x))``, ``x ← x + W₂ ReLU(W₁ LN(x))``; learned
 positional embeddings; no final LayerNorm. The input embedding has ``A + 1`` rows (the ``A``
@@ -169,7 +169,9 @@ class TransformerARM(_Trunk):
 
     Args:
         num_actions: ``A`` (``space.num_actions``).
-        max_len: positions available, at least ``P + T`` (prompt length plus horizon).
+        max_len: positions available, at least ``P + T`` (prompt length plus horizon); an
+            ``ARM.from_nnx`` over a longer prompt and horizon raises ``ValueError`` when built
+            (the cached steps of ``sample`` could not tell), as ``log_prob`` would.
         layers, heads, dim, mlp_dim: ``N``, ``H``, ``D``, ``F``.
         rngs: ``nnx.Rngs`` for the initial parameters.
         dtype: parameter dtype and the dtype of everything but the matrix products (LayerNorm,

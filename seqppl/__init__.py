@@ -1,7 +1,8 @@
 """seqppl: autoregressive and energy-based sequence models as interchangeable NumPyro distributions.
 
-The soft Bellman map links the two (THEORY.md): ARM logits ``q = M(r)`` of EBM local rewards ``r``,
-computed exactly by dynamic programming on finite-state lattices.
+The soft Bellman map links the two (docs/theory.md#the-soft-bellman-bijection): ARM logits
+``q = M(r)`` of EBM local rewards ``r``, computed exactly by dynamic programming on finite-state
+lattices.
 """
 
 from seqppl.bellman import inverse_soft_bellman, occupancy, path_rewards, soft_bellman, soft_values

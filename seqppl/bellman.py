@@ -1,4 +1,5 @@
-"""The soft Bellman transforms: M (EBM rewards → ARM logits) and M⁻¹ (THEORY.md §2).
+"""The soft Bellman transforms: M (EBM rewards → ARM logits) and M⁻¹
+(docs/theory.md#the-soft-bellman-bijection).
 
 On a lattice with transition δ and local rewards ``r`` (``[S, A]`` or ``[T, S, A]``):
 
@@ -42,7 +43,8 @@ def soft_values(
 
     ``V[t, s] = logsumexp_a (r[t, s, a] + [a ≠ EOS] · V[t+1, δ(s, a)])``; ``log Z(x) =
     V[0, lat.initial_state(x)]``. With ``reference`` (logits of ``π_ref``), the target is
-    ``p ∝ p_ref · exp(R)`` and ``V`` is that of ``q' = log π_ref + q`` (THEORY §2).
+    ``p ∝ p_ref · exp(R)`` and ``V`` is that of ``q' = log π_ref + q``
+    (docs/theory.md#reference-measures).
 
     Args:
         lat: the lattice.
@@ -138,7 +140,7 @@ def inverse_soft_bellman(
 
     Raises:
         ValueError: bad shape, NaN or +∞, or a reachable state (from ``prompt``) with no finite
-            allowed logit: such a table is not a distribution (THEORY §2, dead ends).
+            allowed logit: such a table is not a distribution (docs/theory.md#dead-ends).
 
     Example:
         >>> from seqppl import SequenceSpace, Lattice
@@ -211,7 +213,8 @@ def path_rewards(logits, tokens, space: SequenceSpace | None = None) -> jax.Arra
 
 def occupancy(lat: Lattice, r, prompt=None, *, trusted: bool = False) -> jax.Array:
     """``∂ log Z(x) / ∂ r[t, s, a]``: the probability that the state before decision t is s and
-    ``y_t = a`` (THEORY §2). On a prefix tree this is the prefix marginal ``p(y_≤t | x)``.
+    ``y_t = a`` (docs/theory.md#occupancy-and-gradients). On a prefix tree this is the prefix
+    marginal ``p(y_≤t | x)``.
 
     Computed as the gradient of the backward pass (forward–backward). A homogeneous ``[S, A]``
     table is broadcast to ``[T, S, A]`` first, so the result is always per decision.

@@ -3,8 +3,10 @@
 Validation is eager and happens at the public door: a ``ValueError`` or ``TypeError`` names the
 argument, what was expected and what was given. Counts, PRNG keys (new-style
 ``jax.random.key(n)`` and NumPyro's legacy ``jax.random.PRNGKey(n)`` alike), numbers in an
-interval (levels, fractions, rates), meshes, NaN/+∞ in scores (−∞ is a legal hard constraint) and
-a sequence model over the expected space and prompt. Depends only on JAX and NumPy.
+interval (levels, fractions, rates), meshes, token and logits arrays (dtype and shape: static, so
+checked under ``jit`` too), NaN/+∞ in scores (−∞ is a legal hard constraint; values are checked
+where they are concrete, never under tracing) and a sequence model over the expected space and
+prompt. Depends only on JAX and NumPy.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ __all__ = [
     "check_level",
     "check_choice",
     "check_mesh",
+    "as_array",
+    "check_tokens",
+    "check_logits",
     "first_invalid",
     "refuse_invalid",
     "check_same_space",
@@ -120,6 +125,82 @@ def check_mesh(mesh) -> Mesh | None:
     return mesh
 
 
+def as_array(name: str, value):
+    """``value`` itself if it is an array (a traced one too), else ``np.asarray(value)``.
+
+    Raises:
+        ValueError: a ragged nested sequence (rows of different lengths), naming ``name``.
+
+    >>> as_array("prompt", [[0, 1], [2]])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: prompt must be a rectangular array, got a ragged nested sequence ...
+    """
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return value
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be a rectangular array, got a ragged nested sequence (rows of "
+            "different lengths): pad the rows to one length or give them one at a time"
+        ) from None
+    if array.dtype == object:
+        raise ValueError(f"{name} must be an array of ids, got an object array")
+    if array.size == 0 and array.dtype == np.float64:  # `[]` is an empty sequence of ids
+        array = array.astype(np.int32)
+    return array
+
+
+def check_tokens(tokens, space, name: str = "tokens") -> jax.Array:
+    """``tokens`` as an int32 array ``[..., T]`` of ``space`` (``T = space.horizon``). Only the
+    dtype and shape are checked (static: free, and valid under ``jit``); ids, EOS padding and
+    support are ``log_prob``'s business (−∞ outside the support).
+
+    Raises:
+        TypeError: a dtype other than an integer one (floats, bools), naming ``name``.
+        ValueError: a ragged nested sequence, or a last axis other than ``T``.
+
+    >>> from seqppl import SequenceSpace
+    >>> check_tokens([0, 1, 2], SequenceSpace(3, 3, eos=True))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: tokens must have last dimension T=4 (at most L=3 tokens, then EOS=3), got ...
+    """
+    tokens = as_array(name, tokens)
+    dtype = tokens.dtype
+    if not jnp.issubdtype(dtype, jnp.integer):  # bool is not an integer dtype here
+        raise TypeError(f"{name} must have an integer dtype (token ids), got {dtype}")
+    T = space.horizon
+    if tokens.ndim == 0 or tokens.shape[-1] != T:
+        layout = f"at most L={space.length} tokens, then EOS={space.eos_id}" if space.eos else ""
+        layout = layout or f"exactly L={space.length} tokens"
+        raise ValueError(
+            f"{name} must have last dimension T={T} ({layout}), got shape {tokens.shape}"
+        )
+    return jnp.asarray(tokens, jnp.int32)
+
+
+def check_logits(logits, tokens, num_actions: int, name: str = "logits_fn") -> jax.Array:
+    """``logits`` ``[..., T, A]`` returned by ``name`` for ``tokens [..., T]``: the shape is
+    checked always (static), NaN and +∞ where the values are concrete (under tracing they pass
+    unseen and make ``log_prob`` NaN).
+
+    Raises:
+        ValueError: the last two axes are not ``(T, A)`` (both widths named), or concrete NaN/+∞
+            (the first one and the sequence it belongs to).
+    """
+    shape, T = jnp.shape(logits), jnp.shape(tokens)[-1]
+    if len(shape) < 2 or shape[-2:] != (T, num_actions):
+        raise ValueError(
+            f"{name} returned logits of shape {shape} for tokens of shape {jnp.shape(tokens)}; "
+            f"expected [..., T={T}, A={num_actions}]: one logit per action of the space, "
+            f"got {shape[-1] if shape else 'none'}"
+        )
+    refuse_invalid(logits, f"{name}(tokens)", rows=tokens)
+    return logits
+
+
 def first_invalid(values, allow_pos_inf: bool = False) -> tuple[int, ...] | None:
     """Index of the first NaN (or +∞, unless ``allow_pos_inf``) in a concrete array, else None
     (also None for a traced value, which validation cannot see)."""
@@ -132,12 +213,16 @@ def first_invalid(values, allow_pos_inf: bool = False) -> tuple[int, ...] | None
     return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
 
 
-def refuse_invalid(values, what: str, *, rows=None, allow_pos_inf: bool = False) -> None:
+def refuse_invalid(
+    values, what: str, *, rows=None, allow_pos_inf: bool = False, hint: str = ""
+) -> None:
     """``ValueError`` when concrete ``values`` hold NaN (or +∞ unless ``allow_pos_inf``).
 
     The message names ``what`` (an argument such as ``"r"``, or an expression such as
-    ``"reward_fn(tokens)"``), the first bad value and where it is: its index, or, with ``rows``
-    (``[N, ...]``, e.g. the token sequences the values belong to), the row of its first axis.
+    ``"reward_fn(tokens)"``), the first bad value and where it is: its full index (none for a
+    0-d array), or, with ``rows`` (token sequences ``[*N, T]`` that ``values [*N, ...]`` belong
+    to, ``N`` possibly empty), the sequence and the index within that sequence's values;
+    ``hint`` (the likely cause and the remedy) is appended.
 
     >>> import numpy as np
     >>> refuse_invalid(np.array([0.0, np.nan]), "reward_fn(tokens)")  # doctest: +ELLIPSIS
@@ -149,13 +234,17 @@ def refuse_invalid(values, what: str, *, rows=None, allow_pos_inf: bool = False)
     if index is None:
         return
     value = float(np.asarray(values)[index])
-    if rows is not None and index:
-        where = f"{what} = {value} on the sequence {np.asarray(rows)[index[0]].tolist()}"
+    rows = None if rows is None or isinstance(rows, jax.core.Tracer) else np.asarray(rows)
+    lead = None if rows is None else rows.ndim - 1
+    if rows is not None and lead <= len(index) and rows.shape[:lead] == np.shape(values)[:lead]:
+        rest = index[lead:]
+        sequence = rows[index[:lead]].tolist()
+        where = f"{what}{list(rest) if rest else ''} = {value} on the sequence {sequence}"
     else:
         where = f"{what}{list(index) if index else ''} = {value}"
     allowed = "finite, +∞ or −∞" if allow_pos_inf else "finite or −∞ (a hard constraint)"
     never = "NaN" if allow_pos_inf else "NaN or +∞"
-    raise ValueError(f"{where}: scores are {allowed}, never {never}")
+    raise ValueError(f"{where}: scores are {allowed}, never {never}{'; ' + hint if hint else ''}")
 
 
 def check_same_space(name: str, space, expected) -> None:

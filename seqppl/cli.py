@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
 def _nonnegative_int(text: str) -> int:
@@ -46,9 +46,32 @@ def _unit_interval(text: str) -> float:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seqppl", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _option(parser, *flags, help: str, **kwargs) -> None:
+    """``parser.add_argument`` with ``(default: ...)`` appended to ``help`` (flags aside)."""
+    default = kwargs.get("default")
+    if default is not None and kwargs.get("action") != "store_true":
+        help = f"{help} (default: {default})"
+    parser.add_argument(*flags, help=help, **kwargs)
+
+
+_DESCRIPTION = (
+    "Run seqppl's worked example, reproduce the paper's exact-risk experiments, estimate the "
+    "log partition function of a sequence model, or print versions and devices. Each command "
+    "has its own --help."
+)
+_SMC_REPLICATES = 16
+"""The independent SMC runs behind ``logz --method smc`` (``sp.log_partition``'s default)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``seqppl`` command line's argument parser (every subcommand and option)."""
+    parser = argparse.ArgumentParser(prog="seqppl", description=_DESCRIPTION)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="one of demo, logz, reproduce, info; seqppl COMMAND --help lists its options",
+    )
     demo = sub.add_parser(
         "demo",
         help="the main job on the lookahead task: exact M, distillation, log Z, error report",
@@ -58,26 +81,50 @@ def _parser() -> argparse.ArgumentParser:
         "the distillation error (both KLs, the 2T·ε bound, the per-position split). Writes "
         "OUT/report.md, PNG figures and netCDF DataTrees.",
     )
-    demo.add_argument("--quick", action="store_true", help="a smaller space, fewer steps")
-    demo.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of every draw")
-    demo.add_argument("--out", default="demo", help="output folder (default: demo)")
+    _option(demo, "--quick", action="store_true", help="a smaller space and fewer steps")
+    _option(
+        demo,
+        "--seed",
+        type=_nonnegative_int,
+        default=0,
+        help="seeds the bigram, the student and every draw (jax.random.key(SEED))",
+    )
+    _option(demo, "--out", default="demo", help="output folder for the report and figures")
     logz = sub.add_parser(
         "logz",
         help="estimate log Z of a model file or a named model",
         description="MODEL is a Python file defining target() -> EBM and optionally "
         "proposal() -> ARM, or one of the named models: "
         + ", ".join(sorted(_NAMED_MODELS))
-        + ". Without a proposal the uniform policy over the space is used.",
+        + ". Without a proposal the uniform policy over the space is used. The estimate is "
+        "sp.log_partition(target, METHOD, proposal, NUM_SAMPLES, jax.random.key(SEED)).",
     )
-    logz.add_argument("model", help="FILE.py or a named model")
-    logz.add_argument(
+    _option(logz, "model", metavar="MODEL", help="FILE.py defining target(), or a named model")
+    _option(
+        logz,
         "--method",
         choices=("auto", "exact", "is", "smc"),
         default="auto",
-        help="auto: exact when tractable, else importance sampling",
+        help="exact (DP or enumeration), is (importance sampling), smc (sequential Monte "
+        "Carlo) or auto: exact when tractable, else is",
     )
-    logz.add_argument("--num-samples", type=_positive_int, default=100_000)
-    logz.add_argument("--seed", type=_nonnegative_int, default=0)
+    _option(
+        logz,
+        "--num-samples",
+        type=_positive_int,
+        default=100_000,
+        help="draws for is (at least 2); for smc the particles over all "
+        f"{_SMC_REPLICATES} replicates (at least {2 * _SMC_REPLICATES}), as num_samples in "
+        "sp.log_partition; unused by exact",
+    )
+    _option(
+        logz,
+        "--seed",
+        type=_nonnegative_int,
+        default=0,
+        help="the key of every draw is jax.random.key(SEED), the same stream as "
+        "jax.random.PRNGKey(SEED)",
+    )
     from seqppl.models.paper import ADAM_B2, CONFIGS, TARGETS
 
     reproduce = sub.add_parser(
@@ -85,36 +132,86 @@ def _parser() -> argparse.ArgumentParser:
         help="the paper's exact-risk experiments: teacher-forced ARM vs normalised EBM",
         description="Trains the Transformer EBM on the exact risk over every sequence, keeps its "
         "reward R*, trains the Transformer ARM and compares its logits with M(R*) at each logged "
-        "step (THEORY §5). Writes OUT/metrics.csv, OUT/panels.png and OUT/summary.md; both "
-        "trainings are checkpointed in OUT/checkpoints, so the same command again resumes an "
-        "interrupted run.",
+        "step (docs/theory.md#the-papers-experiments). Writes OUT/metrics.csv, OUT/panels.png "
+        "and OUT/summary.md; both trainings are checkpointed in OUT/checkpoints, so the same "
+        "command again resumes an interrupted run.",
     )
-    reproduce.add_argument("--config", choices=sorted(CONFIGS), default="v8t4-n2")
-    reproduce.add_argument("--target", choices=TARGETS, default="zipf")
-    reproduce.add_argument("--steps", type=_positive_int, default=5000)
-    reproduce.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate")
-    reproduce.add_argument(
+    _option(
+        reproduce,
+        "--config",
+        choices=sorted(CONFIGS),
+        default="v8t4-n2",
+        help="the space and Transformer size: vVtT-nN is vocabulary V, length T, N layers",
+    )
+    _option(
+        reproduce,
+        "--target",
+        choices=TARGETS,
+        default="zipf",
+        help="the target distribution over sequences: Zipf ranks or a softmax of normals",
+    )
+    _option(
+        reproduce,
+        "--steps",
+        type=_positive_int,
+        default=5000,
+        help="training steps of each model",
+    )
+    _option(
+        reproduce,
+        "--lr",
+        type=_positive_float,
+        default=1e-2,
+        help="peak learning rate of both models",
+    )
+    _option(
+        reproduce,
         "--adam-b2",
         type=_unit_interval,
         default=ADAM_B2,
         help="Adam's second-moment decay β₂ for both models (the paper does not state it)",
     )
-    reproduce.add_argument("--seed", type=_nonnegative_int, default=0)
-    reproduce.add_argument("--log-every", type=_positive_int, default=50)
-    reproduce.add_argument(
+    _option(
+        reproduce,
+        "--seed",
+        type=_nonnegative_int,
+        default=0,
+        help="seeds the target, both models' initialisation and every draw",
+    )
+    _option(
+        reproduce,
+        "--log-every",
+        type=_positive_int,
+        default=50,
+        help="steps between the logged comparisons (rows of metrics.csv)",
+    )
+    _option(
+        reproduce,
         "--zipf-order",
         choices=("random", "lexicographic"),
         default="random",
-        help="ranks of the Zipf target: a seeded permutation (THEORY §5) or enumeration order",
+        help="ranks of the Zipf target: a seeded permutation (as in the paper) or enumeration "
+        "order",
     )
-    reproduce.add_argument("--out", default="reproduction", help="output folder")
-    sub.add_parser("info", help="versions, JAX devices and float precision")
+    _option(
+        reproduce,
+        "--out",
+        default="reproduction",
+        help="output folder for the metrics, plots, summary and checkpoints",
+    )
+    sub.add_parser(
+        "info",
+        help="versions of seqppl and its dependencies, JAX backend and devices, float precision",
+        description="Prints the version of seqppl, Python and each dependency (optional ones "
+        "say 'not installed' when absent), the JAX backend and devices, and whether float64 is "
+        "enabled.",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
@@ -174,15 +271,12 @@ def _reproduce(parser, args) -> int:
 
 
 def _info() -> int:
-    import jax
-    import numpyro
+    from seqppl.environment import environment
 
-    import seqppl
-
-    print(f"seqppl {seqppl.__version__}  jax {jax.__version__}  numpyro {numpyro.__version__}")
-    print(f"python {sys.version.split()[0]}")
-    print(f"devices: {', '.join(str(d) for d in jax.devices())}")
-    print(f"float64 enabled: {jax.config.jax_enable_x64}")
+    rows = environment()
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
     return 0
 
 
@@ -262,9 +356,19 @@ def _logz(parser, args) -> int:
             sp.Lattice.markov(space, 0), jnp.zeros((1, space.num_actions)), target.prompt
         )
         print("no proposal() given: the uniform policy over the space is the proposal")
-    samples = args.num_samples if method == "is" else max(args.num_samples // 16, 2)
+    # --num-samples is log_partition's num_samples: IS draws, or SMC particles over all
+    # replicates (each needs 2); refused here so that the message names the option.
+    least = 2 if method == "is" else 2 * _SMC_REPLICATES
+    if args.num_samples < least:
+        why = "" if method == "is" else f" ({_SMC_REPLICATES} replicates of at least 2 particles)"
+        parser.error(
+            f"--num-samples {args.num_samples}: --method {method} needs at least {least}{why}"
+        )
+    options = {} if method == "is" else {"num_replicates": _SMC_REPLICATES}
     try:
-        est = sp.log_partition(target, method, proposal, samples, jax.random.key(args.seed))
+        est = sp.log_partition(
+            target, method, proposal, args.num_samples, jax.random.key(args.seed), **options
+        )
     except (TypeError, ValueError) as error:
         parser.error(f"{args.model}: {error}")
     print(est)

@@ -15,11 +15,14 @@ import numpy as np
 __all__ = [
     "EstimateWarning",
     "pareto_khat",
+    "sequence_khat",
     "khat_threshold",
     "kish_ess",
     "weight_warnings",
     "weights_datatree",
     "plot_weights",
+    "figure_axes",
+    "add_caption",
     "MIN_KHAT_SAMPLES",
 ]
 
@@ -59,6 +62,46 @@ def pareto_khat(log_weights) -> float:
             raise
         return float("nan")
     return float(khat)
+
+
+def sequence_khat(log_weights, sequences, groups=None) -> tuple[float, str | None]:
+    """Pareto k-hat of importance weights on sequences, and why it is NaN (None when it is not).
+
+    A sequence drawn ``n`` times contributes ``n`` equal weights: atoms, which PSIS's continuous
+    generalised-Pareto fit is not built for (a tie at the top of the tail makes it NaN, a
+    frequent heavy sequence inflates it, though its contribution ``n·w/S`` is then well
+    estimated). The fit is made on the distinct draws instead: each distinct sequence (within
+    its group: SMC's replicate) once, so the tail describes the weights of the sequences the
+    proposal reached, not how often it repeated them. On continuous-like spaces, where no
+    sequence repeats, this is PSIS on every weight. docs/partition.md gives the calibration.
+
+    Args:
+        log_weights: ``[S]`` log importance weights.
+        sequences: int ``[S, T]``, the draws behind them.
+        groups: optional int ``[S]`` (e.g. the replicate of each SMC particle).
+
+    Returns:
+        ``(k-hat, None)``, or ``(NaN, reason)`` when there is no tail to fit.
+    """
+    log_weights = np.asarray(log_weights, np.float64).reshape(-1)
+    rows = np.asarray(sequences).reshape(log_weights.size, -1)
+    if groups is not None:
+        rows = np.concatenate([np.asarray(groups).reshape(-1, 1), rows], axis=1)
+    _, first = np.unique(rows, axis=0, return_index=True)
+    distinct = log_weights[np.sort(first)]
+    distinct = distinct[np.isfinite(distinct)]
+    if distinct.size < MIN_TAIL_WEIGHTS:
+        return float("nan"), (
+            f"k-hat not computed: {distinct.size} distinct sequences with positive weight were "
+            f"drawn; PSIS needs at least {MIN_TAIL_WEIGHTS}"
+        )
+    khat = pareto_khat(distinct)
+    if np.isnan(khat):
+        return khat, (
+            "k-hat not computed: the largest weights of the distinct sequences are all equal "
+            "(the proposal is proportional to the target on them)"
+        )
+    return khat, None
 
 
 def khat_threshold(num_samples: int) -> float:
@@ -122,20 +165,67 @@ def weights_datatree(tokens, log_weights, attrs: dict):
     return tree
 
 
-def plot_weights(log_weights, khat: float, title: str = "importance weights", ax=None):
-    """Histogram of the normalised log weights ``log(w / max w)`` with k-hat and the threshold
-    in the legend; returns the matplotlib ``Axes``."""
-    import matplotlib.pyplot as plt
+def plot_weights(
+    log_weights, khat: float, title: str = "importance weights", ax=None, summary=(), caption=()
+):
+    """Histogram of the normalised log weights ``log(w / max w)``; returns the ``Axes``.
 
+    The legend holds k-hat with its threshold, the Kish ESS and the ``summary`` lines; each
+    ``caption`` line (e.g. the estimate's warnings) is wrapped beneath the axes (``add_caption``).
+    Keep ``title`` short: it is drawn on one line.
+    """
     log_weights = np.asarray(log_weights, np.float64).reshape(-1)
     finite = log_weights[np.isfinite(log_weights)]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5, 3.2))
+    ax, own = figure_axes((5.5, 3.4), ax)
     if finite.size:
-        ax.hist(finite - finite.max(), bins=60, color="tab:blue", alpha=0.8)
+        counts, _, _ = ax.hist(finite - finite.max(), bins=60, color="tab:blue", alpha=0.8)
+        ax.set_ylim(0.5, 30 * max(counts.max(), 1))  # room above the bars for the legend
     limit = khat_threshold(log_weights.size)
     ax.set(xlabel="log w − max log w", ylabel="count", yscale="log", title=title)
     ax.plot([], [], " ", label=f"k-hat {khat:.2f} (threshold {limit:.2f})")
     ax.plot([], [], " ", label=f"Kish ESS {kish_ess(log_weights):.0f} of {log_weights.size}")
-    ax.legend(loc="upper left", frameon=False)
+    for line in summary:
+        ax.plot([], [], " ", label=line)
+    ax.legend(loc="upper left", frameon=False, fontsize="small")
+    if caption:
+        add_caption(ax, caption, grow=own, color="darkred")
     return ax
+
+
+def figure_axes(size: tuple[float, float], ax=None):
+    """``(ax, False)``, or ``(new Axes, True)`` on a ``size`` (inches) figure whose layout is
+    ``"constrained"``, so that titles, axis labels and captions stay inside the canvas."""
+    if ax is not None:
+        return ax, False
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=size, layout="constrained")
+    return ax, True
+
+
+def add_caption(ax, lines, grow: bool = False, fontsize: float = 8, **text_kw):
+    """Writes ``lines`` (strings) beneath ``ax``'s x label, each wrapped to the axes' width;
+    returns the text artist.
+
+    A constrained layout (``figure_axes``) makes room for it inside the canvas; ``grow=True``
+    also makes the figure taller by the caption's height, so the axes keep their size.
+    """
+    import textwrap
+
+    fig = ax.figure
+    width = ax.get_position().width * fig.get_figwidth()  # inches, before the layout widens it
+    chars = max(int(width * 72 / (0.55 * fontsize)), 20)  # 0.55 em: a wide average glyph
+    text = "\n".join(textwrap.fill(line, chars) for line in lines)
+    if grow:
+        fig.set_figheight(fig.get_figheight() + (text.count("\n") + 1.5) * 1.25 * fontsize / 72)
+    return ax.annotate(
+        text,
+        xy=(0, 0),
+        xycoords=("axes fraction", ax.xaxis.label),
+        xytext=(0, -0.5 * fontsize),
+        textcoords="offset points",
+        ha="left",
+        va="top",
+        fontsize=fontsize,
+        **text_kw,
+    )

@@ -1,4 +1,4 @@
-"""Distilling an EBM into an ARM (the theory page, distillation): KL-regularised fine-tuning,
+"""Distilling an EBM into an ARM (docs/theory.md#distillation): KL-regularised fine-tuning,
 ``argmin_q KL(p_q ‖ p_R)``, with one of the objectives of ``seqppl.objectives`` driven by the
 loop shared with ``fit`` (``seqppl.loop``: progress bar, atomic checkpoints, resume, Ctrl-C),
 evaluated at every logged step by a distillation report, and stopped when the importance

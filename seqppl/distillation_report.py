@@ -1,4 +1,4 @@
-"""``distillation_error``: how far an ARM is from a target EBM (the theory page, distillation):
+"""``distillation_error``: how far an ARM is from a target EBM (docs/theory.md#distillation-error):
 both KLs, TV, the per-position split of the reverse KL, the logit error ε and the bound ``2T·ε``.
 
 Exact mode enumerates the space. Monte Carlo mode draws from the student (and from the target
@@ -25,7 +25,7 @@ from seqppl.checks import (
     check_model,
     refuse_invalid,
 )
-from seqppl.diagnostics import kish_ess, pareto_khat
+from seqppl.diagnostics import kish_ess, sequence_khat
 from seqppl.distributions import ARM, EBM, to_arm
 from seqppl.distributions.convert import no_exact_arm_reason
 from seqppl.distributions.support import map_in_chunks
@@ -170,8 +170,9 @@ def path_terms(student: ARM, teacher: ARM, tokens):
 
 
 def half_range_gap(log_a, log_b) -> jax.Array:
-    """``(max Δ − min Δ) / 2`` over the last axis for ``Δ = log_a − log_b`` (THEORY §4's
-    tightest per-state shift): entries −∞ in both are left out; ∞ if exactly one is −∞."""
+    """``(max Δ − min Δ) / 2`` over the last axis for ``Δ = log_a − log_b`` (the tightest
+    per-state shift, docs/theory.md#the-kl-bound): entries −∞ in both are left out; ∞ if exactly
+    one is −∞."""
     dead_a, dead_b = log_a == -jnp.inf, log_b == -jnp.inf
     skip = dead_a | dead_b
     gap = jnp.where(skip, 0, log_a - jnp.where(skip, 0, log_b))
@@ -238,7 +239,6 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
             "proposal (no exact target draws): biased, trust it only when k-hat < 0.7"
         )
     logit_error = float(max(visited_eps)) if visited_eps else None
-    finite_w = log_w[np.isfinite(log_w)]
     for name, value in (("KL(student ‖ target)", kl_reverse), ("KL(target ‖ student)", kl_forward)):
         if value < 0:
             notes.append(
@@ -268,7 +268,7 @@ def _monte_carlo(ebm, arm, teacher, reason, num_samples, key, level, target_samp
             "log_z_stderr": log_z_se,
             "elbo": float(np.mean(log_w)),
             "eubo": eubo,
-            "khat": pareto_khat(log_w) if finite_w.size else float("nan"),
+            "khat": sequence_khat(log_w, ys)[0],
             "ess": kish_ess(log_w),
         },
     )

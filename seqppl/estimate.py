@@ -1,8 +1,9 @@
 """``PartitionEstimate``: a log-partition estimate with its standard error, diagnostics and bounds.
 
 Shared by the estimators (importance sampling, SMC): the normal interval on the log scale, the
-EUBO ``E_{y~p_R}[R(y) − log q(y)] ≥ log Z`` from exact target samples (THEORY §4), and the check
-that a proposal gives positive probability to every sequence the EBM supports.
+EUBO ``E_{y~p_R}[R(y) − log q(y)] ≥ log Z`` from exact target samples
+(docs/theory.md#variational-bounds), and the check that a proposal gives positive probability to
+every sequence the EBM supports.
 """
 
 from __future__ import annotations
@@ -72,12 +73,16 @@ class PartitionEstimate:
         log_z: the estimate (``log`` of an unbiased estimate of ``Z`` for ``"is"``/``"smc"``).
         stderr: its standard error (delta method on the weights for IS; over independent SMC
             replicates for SMC; 0 for ``"exact"``).
-        interval: ``log_z ± z_{(1+level)/2} · stderr``.
+        interval: ``log_z ± z_{(1+level)/2} · stderr`` (for SMC Student's ``t`` quantile with
+            ``num_replicates − 1`` degrees of freedom: the spread of few replicates).
         ess: Kish effective sample size of the weights (NaN for ``"exact"``); for SMC the sum
             over replicates of the final weights' ESS (after resampling: not comparable with
             the ESS of IS).
-        khat: Pareto k-hat of the weights from ArviZ's PSIS (NaN where it does not apply:
-            ``"exact"``, and SMC, whose final weights follow resampling).
+        khat: Pareto k-hat from ArviZ's PSIS, fitted to the weights of the distinct draws
+            (``diagnostics.sequence_khat``): IS draws, or SMC's pooled final weights
+            ``Ẑ_r``-prefix × last weight, the terms of its pooled estimate, each distinct
+            (replicate, sequence) once. NaN for ``"exact"``, and where no tail can be fitted,
+            with the reason in ``khat_note``.
         elbo, elbo_stderr: a lower bound on ``log Z``: ``E_q[R − log q]`` for IS, the mean of
             the replicates' ``log Ẑ`` for SMC (Jensen); None for ``"exact"``.
         eubo, eubo_stderr: the upper bound ``E_{p_R}[R − log q]`` from exact or user-given
@@ -88,6 +93,7 @@ class PartitionEstimate:
         log_weights, samples: kept weights ``[K]`` and sequences ``[K, T]`` (the first
             ``max_kept`` draws for IS, the final particles for SMC); None for ``"exact"``.
         messages: the diagnostic warnings raised while estimating.
+        khat_note: why ``khat`` is NaN (None when it is a number, or for ``"exact"``).
         extras: method-specific figures (e.g. SMC's resampling count and ESS trace).
     """
 
@@ -106,49 +112,85 @@ class PartitionEstimate:
     log_weights: np.ndarray | None = dataclasses.field(default=None, repr=False)
     samples: np.ndarray | None = dataclasses.field(default=None, repr=False)
     messages: tuple[str, ...] = ()
+    khat_note: str | None = None
     extras: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __str__(self) -> str:
+        if self.method == "exact":
+            return f"log Z = {self.log_z:.6g} (exact)"
         low, high = self.interval
+        khat = "n/a (see note)" if self.khat_note else f"{self.khat:.3g}"
         text = (
             f"log Z ≈ {self.log_z:.6g} ± {self.stderr:.3g} ({self.method}, {self.num_samples} "
             f"samples; {100 * self.level:g}% interval [{low:.6g}, {high:.6g}]; ESS "
-            f"{self.ess:.4g}; k-hat {self.khat:.3g})"
+            f"{self.ess:.4g}; k-hat {khat})"
         )
-        return text + "".join(f"\n  warning: {m}" for m in self.messages)
+        text += "".join(f"\n  warning: {m}" for m in self.messages)
+        return text + (f"\n  note: {self.khat_note}" if self.khat_note else "")
 
     def attrs(self) -> dict:
-        """The scalar fields as a flat dict (None and NaN kept as NaN), for files and tables."""
+        """The scalar fields as a flat dict (None and NaN kept as NaN), for files and tables,
+        with the warnings: ``warnings`` (the ``messages``, one per line; ``""`` when none) and
+        ``khat_note`` (``""`` when none), so a saved estimate keeps them."""
         out = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name == "interval":
                 out["interval_low"], out["interval_high"] = (float(v) for v in value)
-            elif field.name in ("method",):
+            elif field.name == "method":
                 out[field.name] = value
-            elif field.name not in ("log_weights", "samples", "messages", "extras"):
+            elif field.name == "messages":
+                out["warnings"] = "\n".join(value)
+            elif field.name == "khat_note":
+                out[field.name] = value or ""
+            elif field.name not in ("log_weights", "samples", "extras"):
                 out[field.name] = float("nan") if value is None else float(value)
         return out
 
     def to_datatree(self):
         """An ArviZ ``DataTree``: the kept sequences in ``posterior.y``, their log weights in
-        ``sample_stats.log_weight``, the scalar fields in the root's ``attrs``."""
+        ``sample_stats.log_weight``, the scalar fields and the warnings in the root's ``attrs``
+        (``attrs()``; they survive ``to_netcdf``)."""
         if self.samples is None:
             raise ValueError(f"a {self.method!r} estimate keeps no samples to export")
         return weights_datatree(self.samples, self.log_weights, self.attrs())
 
     def plot(self, ax=None):
-        """The kept weights' histogram with k-hat (``diagnostics.plot_weights``); an ``Axes``."""
+        """The kept weights' histogram with k-hat (``diagnostics.plot_weights``); an ``Axes``.
+
+        The title is the estimate, the legend its interval and sample count, and the warnings
+        (``messages``) are a caption beneath the axes."""
         if self.log_weights is None:
             raise ValueError(f"a {self.method!r} estimate keeps no weights to plot")
-        return plot_weights(self.log_weights, self.khat, f"{self.method}: {self}", ax)
+        low, high = self.interval
+        return plot_weights(
+            self.log_weights,
+            self.khat,
+            f"{self.method}: log Z ≈ {self.log_z:.6g} ± {self.stderr:.3g}",
+            ax,
+            summary=(
+                f"{100 * self.level:g}% interval [{low:.5g}, {high:.5g}]",
+                f"{self.num_samples} samples, {self.log_weights.size} kept",
+            ),
+            caption=tuple(f"warning: {m}" for m in self.messages),
+        )
 
 
-def normal_interval(log_z: float, stderr: float, level: float) -> tuple[float, float]:
-    """``log_z ± z_{(1+level)/2} · stderr``; ``(−∞, ∞)`` when either is not finite."""
+def normal_interval(
+    log_z: float, stderr: float, level: float, dof: int | None = None
+) -> tuple[float, float]:
+    """``log_z ± z_{(1+level)/2} · stderr``; with ``dof``, Student's ``t_{dof}`` quantile
+    instead of the normal one (a mean of few replicates whose spread is itself estimated);
+    ``(−∞, ∞)`` when either is not finite."""
     if not (np.isfinite(log_z) and np.isfinite(stderr)):
         return (-np.inf, np.inf)
-    half = normal_quantile(level) * stderr if stderr > 0 else 0.0
+    if dof is None:
+        quantile = normal_quantile(level)
+    else:
+        from scipy.stats import t as student_t
+
+        quantile = float(student_t.ppf(0.5 + level / 2, dof))
+    half = quantile * stderr if stderr > 0 else 0.0
     return (log_z - half, log_z + half)
 
 

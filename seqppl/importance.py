@@ -1,4 +1,5 @@
-"""Importance sampling of ``log Z`` with an ARM proposal, streamed in chunks (THEORY §4).
+"""Importance sampling of ``log Z`` with an ARM proposal, streamed in chunks
+(docs/theory.md#importance-sampling).
 
 ``Z = E_{y~q}[exp(R(y) − log q(y))]``; with ``S`` draws, ``Ẑ = (1/S) Σ_i w_i`` is unbiased and
 ``log Ẑ`` has the delta-method standard error ``√((S·Σw²/(Σw)² − 1)/(S − 1))``. The sums are
@@ -16,10 +17,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from seqppl.checks import check_counts, check_mesh, check_model, check_number, refuse_invalid
-from seqppl.diagnostics import pareto_khat, weight_warnings
+from seqppl.diagnostics import sequence_khat, weight_warnings
 from seqppl.distributions import ARM
 from seqppl.estimate import (
     DefensiveMixture,
@@ -29,6 +29,7 @@ from seqppl.estimate import (
     normal_interval,
 )
 from seqppl.lattice import Lattice
+from seqppl.progress import progress_bar
 from seqppl.sharding import shard_batch, to_host
 
 __all__ = ["importance_sampling", "importance_chunk", "DRAWS_PER_CHUNK"]
@@ -71,10 +72,10 @@ def importance_sampling(
     num_chunks = -(-num_samples // chunk)
     sums = _Sums()
     kept_tokens, kept_log_w = [], []
-    bar = tqdm(
+    bar = progress_bar(
         range(num_chunks),
+        progress=progress if progress is not None else num_chunks > 1,
         desc="importance sampling",
-        disable=not (progress if progress is not None else num_chunks > 1),
     )
     for c in bar:
         valid = min(chunk, num_samples - c * chunk)
@@ -96,7 +97,7 @@ def importance_sampling(
     log_z, stderr, ess = sums.log_z_stderr_ess(num_samples)
     elbo, elbo_stderr = sums.elbo()
     upper, upper_stderr = eubo(ebm, q, target_samples, num_samples, target_key)
-    khat = pareto_khat(log_weights)
+    khat, khat_note = sequence_khat(log_weights, samples)
     messages = weight_warnings(khat, ess, num_samples, min_ess_fraction, "importance sampling")
     return PartitionEstimate(
         log_z=log_z,
@@ -114,6 +115,7 @@ def importance_sampling(
         log_weights=log_weights,
         samples=samples,
         messages=tuple(messages),
+        khat_note=khat_note,
         extras={"chunk_size": chunk, "defensive": defensive},
     )
 

@@ -1,4 +1,4 @@
-"""Finite-state lattices: the state a local reward may read from a prefix (THEORY.md §2).
+"""Finite-state lattices: the state a local reward may read from a prefix (docs/theory.md#lattices).
 
 A lattice is a deterministic automaton over the actions of a ``SequenceSpace``: ``S`` states, a
 transition table ``δ: [S, A] → S`` and an initial state per prompt. Tables of local rewards or

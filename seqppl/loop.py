@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from seqppl.checks import check_counts, check_mesh
+from seqppl.checks import check_counts, check_mesh, check_number
+from seqppl.progress import progress_bar
 from seqppl.sharding import replicate
 
 __all__ = [
@@ -49,7 +49,11 @@ def trapezoid_schedule(peak: float, steps: int, warmup: int = 100, decay: int = 
     """The paper's learning rate: linear warm-up to ``peak``, constant, linear decay to 0.
 
     Built from optax schedules; ``warmup + decay`` is capped at ``steps``.
+
+    Raises:
+        ValueError: ``peak`` not a finite number > 0 (NaN included), ``steps`` not an int ≥ 1.
     """
+    check_number("peak", peak, 0, float("inf"))
     check_counts(("steps", steps, 1))
     warmup = min(warmup, steps // 2)
     decay = min(decay, steps - warmup)
@@ -239,7 +243,7 @@ def optimise(
     check_mesh(mesh)
     for name in ("params", "opt_state", "carry"):
         state[name] = replicate(state[name], mesh)
-    bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc=desc)
+    bar = progress_bar(progress=progress, desc=desc, total=steps, initial=state["step"])
     started = time.perf_counter()
     stopped = None
     last_good = None  # the state before the last update whose loss was finite

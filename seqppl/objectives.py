@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.checks import check_choice, check_model
-from seqppl.diagnostics import kish_ess, pareto_khat
+from seqppl.diagnostics import kish_ess, sequence_khat
 from seqppl.distributions import ARM, ExactRoute
 from seqppl.distributions.support import map_in_chunks
 from seqppl.logspace import categorical_kl, logsumexp, softmax
@@ -164,6 +164,7 @@ def _forward_kl(ebm, student, key, num_samples, proposal, mesh):
         value = jnp.where(jnp.any(kept), cross - estimate, jnp.nan)
         aux = {
             "log_w": log_w,
+            "tokens": tokens,
             "cross_entropy": {
                 "student": -jnp.sum(jnp.where(kept, weights * jnp.where(kept, log_q, 0), 0)),
                 "proposal": -jnp.sum(jnp.where(kept, weights * steps.sum(-1), 0)),
@@ -173,7 +174,7 @@ def _forward_kl(ebm, student, key, num_samples, proposal, mesh):
 
     def summarise(aux):
         log_w = np.asarray(aux["log_w"], np.float64)
-        return {"ess": kish_ess(log_w), "khat": pareto_khat(log_w)}
+        return {"ess": kish_ess(log_w), "khat": sequence_khat(log_w, aux["tokens"])[0]}
 
     def swap_when_better(carry, params, aux):
         better = float(aux["cross_entropy"]["student"]) < float(aux["cross_entropy"]["proposal"])

@@ -2,8 +2,8 @@
 
 One entry point; every answer is a ``PartitionEstimate`` with a standard error, an interval,
 the ESS, Pareto k-hat (ArviZ's PSIS), the ELBO and, when exact target samples exist, the EUBO
-(THEORY §4: ``ELBO ≤ log Z ≤ EUBO``). Diagnostics that say not to trust an estimate are issued
-as ``EstimateWarning`` and kept in ``estimate.messages``.
+(docs/theory.md#variational-bounds: ``ELBO ≤ log Z ≤ EUBO``). Diagnostics that say not to trust
+an estimate are issued as ``EstimateWarning`` and kept in ``estimate.messages``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Intermediate targets on prefixes: ``γ_t(y_{≤t}) = exp Φ_t(y_{≤t})`` for ``
 
 - ``twist=None``: ``Φ_t = log q(y_{≤t})`` (no lookahead: all weight arrives at the end);
 - ``twist="exact"``: a lattice EBM's accumulated local rewards plus the soft value of the
-  state reached, ``Φ_t = Σ_{k≤t} r_k + V[t+1, s_{t+1}]`` (THEORY §2): exact prefix marginals;
+  state reached, ``Φ_t = Σ_{k≤t} r_k + V[t+1, s_{t+1}]`` (docs/theory.md#sequential-monte-carlo):
+  exact prefix marginals;
 - a callable ``twist_fn(tokens [P, T]) -> [P, T]``, causal, entry t for ``y[:t+1]`` (a learned
   value function ``V(prefix)`` in this total form).
 
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.bellman import soft_values
-from seqppl.checks import check_choice, check_counts, check_mesh, check_number
-from seqppl.diagnostics import kish_ess, weight_warnings
+from seqppl.checks import check_choice, check_counts, check_mesh, check_number, refuse_invalid
+from seqppl.diagnostics import kish_ess, sequence_khat, weight_warnings
 from seqppl.distributions import ExactRoute
 from seqppl.distributions.ancestral import draw_step
 from seqppl.estimate import (
@@ -86,14 +87,16 @@ def sequential_monte_carlo(
     out = {name: to_host(value) for name, value in out.items()}
     log_w = np.asarray(out["log_w"], np.float64)  # [R, P], each row carries log Ẑ_r's prefix
     if np.isnan(log_w).any():
-        culprit = "the EBM's reward" if twist is None else "the EBM's reward or the twist"
-        raise ValueError(f"an SMC weight is NaN: {culprit} gave NaN or +∞ on a particle")
+        raise ValueError(f"an SMC weight is NaN: {_nan_source(ebm, proposal, twist, out)}")
     log_z_r = logsumexp(jnp.asarray(log_w), 1) - np.log(particles)
     log_z_r = np.asarray(log_z_r, np.float64)
     log_z, stderr = _pooled(log_z_r)
     ess = float(sum(kish_ess(row) for row in log_w))
     total = particles * num_replicates
-    messages = weight_warnings(float("nan"), ess, total, min_ess_fraction, "SMC final weights")
+    tokens = np.asarray(out["tokens"]).reshape(total, -1)
+    replicate = np.repeat(np.arange(num_replicates), particles)
+    khat, khat_note = sequence_khat(log_w.reshape(-1), tokens, replicate)
+    messages = weight_warnings(khat, ess, total, min_ess_fraction, "SMC pooled final weights")
     lower, lower_stderr = mean_and_stderr(log_z_r)
     upper, upper_stderr = eubo(
         ebm, DefensiveMixture(proposal), target_samples, num_samples, target_key
@@ -101,9 +104,9 @@ def sequential_monte_carlo(
     return PartitionEstimate(
         log_z=log_z,
         stderr=stderr,
-        interval=normal_interval(log_z, stderr, level),
+        interval=normal_interval(log_z, stderr, level, dof=num_replicates - 1),
         ess=ess,
-        khat=float("nan"),
+        khat=khat,
         elbo=lower,
         eubo=upper,
         num_samples=total,
@@ -112,8 +115,9 @@ def sequential_monte_carlo(
         elbo_stderr=lower_stderr,
         eubo_stderr=upper_stderr,
         log_weights=log_w.reshape(-1)[:max_kept],
-        samples=np.asarray(out["tokens"]).reshape(total, -1)[:max_kept],
+        samples=tokens[:max_kept],
         messages=tuple(messages),
+        khat_note=khat_note,
         extras={
             "replicate_log_z": log_z_r,
             "resampling_steps": np.asarray(out["resampled"]).sum(-1),
@@ -123,6 +127,25 @@ def sequential_monte_carlo(
             "resampling": resampling,
         },
     )
+
+
+def _nan_source(ebm, proposal, twist, out) -> str:
+    """What made a weight NaN, found by scoring the final particles again, eagerly: the EBM's
+    reward, the proposal's ``log q`` or a callable twist, each message naming the sequence."""
+    tokens = jnp.asarray(out["tokens"]).reshape(-1, ebm.space.horizon)
+    parts = [
+        ("the EBM's reward", lambda: ebm.unnormalized_log_prob(tokens)),
+        ("the proposal's log q", lambda: proposal.log_prob(tokens)),
+    ]
+    if callable(twist):
+        parts.append(("twist_fn(tokens)", lambda: twist(tokens)))
+    for what, score in parts:
+        try:
+            refuse_invalid(score(), what, rows=tokens)
+        except ValueError as error:
+            return f"{what} is the source: {error}"
+    suspects = "the EBM's reward, the proposal's logits" + (" or the twist" if twist else "")
+    return f"{suspects} gave NaN or +∞ on a particle that resampling dropped"
 
 
 def _pooled(log_z_r):

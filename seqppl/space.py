@@ -1,4 +1,5 @@
-"""SequenceSpace: the set of token sequences a model is a distribution over (THEORY.md §1).
+"""SequenceSpace: the set of token sequences a model is a distribution over
+(docs/theory.md#sequence-spaces).
 
 A fixed-length space holds every sequence of exactly ``L`` tokens from ``0..V-1``: its horizon
 (number of decisions) is ``T = L`` and its action set is the vocabulary. A variable-length space
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from seqppl.checks import as_array
 
 __all__ = ["SequenceSpace", "MAX_ENUMERATE", "SMALL_SPACE", "ENUMERATION_CHUNK"]
 
@@ -222,7 +225,7 @@ class SequenceSpace:
 def _concrete(array, name: str) -> np.ndarray:
     if isinstance(array, jax.core.Tracer):
         raise TypeError(f"{name} must be a concrete array to validate, got a traced value")
-    y = np.asarray(array)
+    y = np.asarray(as_array(name, array))  # a ragged nested list: ValueError naming `name`
     if y.size == 0 and y.dtype == np.float64:  # `[]` is an empty sequence of ids
         y = y.astype(np.int32)
     if y.dtype == bool or not np.issubdtype(y.dtype, np.integer):

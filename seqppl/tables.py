@@ -114,7 +114,7 @@ def _take(table, index) -> jax.Array:
 
 def check_reachable(lat, q, prompt=None) -> None:
     """Refuses logits ``q`` where a state reachable from ``prompt`` has no finite allowed action
-    (such a table is not a distribution; see the theory page, dead ends). Skipped when traced.
+    (such a table is not a distribution; see docs/theory.md#dead-ends). Skipped when traced.
 
     Args:
         lat: the lattice.

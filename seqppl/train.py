@@ -1,4 +1,4 @@
-"""Likelihood training of ARMs and EBMs with optax (the theory page, learning).
+"""Likelihood training of ARMs and EBMs with optax (docs/theory.md#learning).
 
 ``fit(dist, data=..., ...)`` minimises the mean negative log-likelihood of observed sequences:
 teacher forcing for an ARM (``−log p_q(y) = Σ_t [V_q(s_t) − q(s_t, y_t)]``, one parallel pass),

@@ -1,12 +1,16 @@
+import argparse
 import re
+import runpy
 import subprocess
 import sys
 from unittest import mock
 
+import jax
 import numpy as np
 import pytest
 
-from seqppl.cli import main
+import seqppl as sp
+from seqppl.cli import build_parser, main
 from seqppl.train import CheckpointError
 
 
@@ -60,9 +64,91 @@ def test_logz_of_a_model_file_and_of_a_named_model(tmp_path, capsys):
     assert "k-hat" in text and "exact log Z" not in text
 
 
-def test_info_prints_versions():
-    out = _run("info")
-    assert out.returncode == 0 and "jax" in out.stdout and "devices" in out.stdout
+# A model file with both parts, so that the CLI and the Python call use the same proposal.
+_MODEL = (
+    "import jax.numpy as jnp\nimport seqppl as sp\n"
+    "space = sp.SequenceSpace(3, 4, eos=True)\n"
+    "lattice = sp.Lattice.markov(space, 1)\n"
+    "def target():\n"
+    "    return sp.EBM(lambda y: -0.5 * jnp.sum(y == 1, -1).astype(float), space)\n"
+    "def proposal():\n"
+    "    return sp.ARM.from_table(lattice, jnp.zeros((lattice.num_states, space.num_actions)))\n"
+)
+
+
+def _python_estimate(path, method, num_samples, key):
+    model = runpy.run_path(str(path))
+    return sp.log_partition(model["target"](), method, model["proposal"](), num_samples, key)
+
+
+def test_logz_smc_num_samples_is_the_python_total(tmp_path, capsys):
+    """--num-samples is sp.log_partition's num_samples (particles over all replicates), so the
+    CLI prints the Python estimate for the same seed; below Python's minimum (2 particles in
+    each of 16 replicates) the error names the user's option and value."""
+    model = tmp_path / "model.py"
+    model.write_text(_MODEL)
+    argv = ["logz", str(model), "--method", "smc", "--num-samples", "512", "--seed", "1"]
+    assert main(argv) == 0
+    expected = _python_estimate(model, "smc", 512, jax.random.key(1))
+    assert expected.num_samples == 512
+    assert str(expected) in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["logz", str(model), "--method", "smc", "--num-samples", "20"])
+    assert exit_.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--num-samples 20" in line and "32" in line and "num_samples=" not in line
+
+
+def test_logz_seed_builds_the_key_of_the_python_api(tmp_path, capsys):
+    """--seed n is jax.random.PRNGKey(n) (equivalently jax.random.key(n)) in the Python call."""
+    model = tmp_path / "model.py"
+    model.write_text(_MODEL)
+    assert main(["logz", str(model), "--method", "is", "--num-samples", "300", "--seed", "3"]) == 0
+    expected = _python_estimate(model, "is", 300, jax.random.PRNGKey(3))
+    assert str(expected) in capsys.readouterr().out
+
+
+def _options():
+    """(subcommand, action) for every option of the top-level parser and each subcommand."""
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a.choices, dict))  # the subcommands
+    for name, command in [("seqppl", parser), *sub.choices.items()]:
+        for action in command._actions:
+            if action.dest != "help":
+                yield name, action
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    options = list(_options())
+    assert {name for name, _ in options} == {"seqppl", "demo", "logz", "reproduce"}  # info: -h
+    for name, action in options:
+        where = (name, action.option_strings or action.dest)
+        assert action.help and len(action.help.split()) >= 3, where
+        flag = action.nargs == 0 and action.const is True  # store_true: False means absent
+        if action.default is not None and not flag and action.default != argparse.SUPPRESS:
+            assert f"(default: {action.default})" in action.help, where
+
+
+def test_top_level_help_starts_with_a_plain_sentence(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    description = capsys.readouterr().out.split("\n\n")[1]
+    first = description.split(". ")[0]
+    assert first and not re.search(r"[`*§]|THEORY", description), description
+    assert description.rstrip().endswith("."), description
+
+
+def test_info_lists_every_dependency_and_the_devices(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    for name in ("seqppl", "python", "jax", "jaxlib", "numpyro", "flax", "optax", "arviz"):
+        assert re.search(rf"^{name}\b", text, re.M), name
+    for name in ("arviz-base", "arviz-stats", "matplotlib", "tqdm", "h5netcdf", "numpy"):
+        assert re.search(rf"^{name}\b", text, re.M), name
+    for name in ("outlines-core", "tokenizers"):  # optional: a version or "not installed"
+        assert re.search(rf"^{name}\s+(\d|not installed)", text, re.M), name
+    assert re.search(r"^backend\s+\w+", text, re.M) and "devices" in text
 
 
 def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, capsys):
@@ -82,6 +168,7 @@ def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, capsys):
         ["logz", "no-such-model"],
         ["logz", str(bad_model)],
         ["logz", "digit-sum", "--num-samples", "0"],
+        ["logz", "digit-sum", "--method", "is", "--num-samples", "1"],
     ):
         with pytest.raises(SystemExit) as exit_:
             main(args)

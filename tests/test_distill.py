@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import seqppl as sp
-from seqppl import distillation_report, loop, objectives
+from seqppl import distillation_report, loop, objectives, progress
 from seqppl.distill import DistillationStopped
 from tests import oracles
 from tests.strategies import arm_tables, lattices, problems, tolerance
@@ -331,7 +331,7 @@ def test_interrupted_distillation_resumes_bit_identically(tmp_path):
     )
     straight, history = sp.distill(ebm, _tabular_student(), **options)
 
-    class Interrupting(loop.tqdm):
+    class Interrupting(progress.tqdm):
         done = 0
 
         def update(self, n=1):
@@ -340,7 +340,7 @@ def test_interrupted_distillation_resumes_bit_identically(tmp_path):
             if Interrupting.done == 30:
                 raise KeyboardInterrupt
 
-    with mock.patch.object(loop, "tqdm", Interrupting), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(progress, "tqdm", Interrupting), pytest.raises(KeyboardInterrupt):
         sp.distill(ebm, _tabular_student(), checkpoint_dir=tmp_path, **options)
     resumed, resumed_history = sp.distill(
         ebm, _tabular_student(), checkpoint_dir=tmp_path, **options

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqppl as sp
-from seqppl import loop, train
+from seqppl import loop, progress, train
 
 from . import oracles
 from .strategies import arm_tables, assert_close, spaces, tolerance
@@ -135,7 +135,7 @@ def _run(tmp_path, interrupt_at=None):
     if interrupt_at is None:
         return train.fit(_tabular("arm"), **kwargs)
 
-    real = loop.tqdm
+    real = progress.tqdm
 
     class Interrupting(real):  # Ctrl-C arrives right after step ``interrupt_at`` finishes
         done = 0
@@ -146,7 +146,7 @@ def _run(tmp_path, interrupt_at=None):
             if Interrupting.done == interrupt_at:
                 raise KeyboardInterrupt
 
-    with mock.patch.object(loop, "tqdm", Interrupting), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(progress, "tqdm", Interrupting), pytest.raises(KeyboardInterrupt):
         train.fit(_tabular("arm"), **kwargs)
 
 
@@ -230,7 +230,7 @@ def test_bad_arguments():
 
 def test_proposition_2_optimal_arm_is_m_of_optimal_ebm():
     """Tabular (prefix-tree) ARM and EBM trained on the same exact risk: q* = M(r*) up to a
-    constant per state (THEORY §3), on every reachable state."""
+    constant per state (docs/theory.md#optimality-of-teacher-forcing), on every reachable state."""
     arm, _ = train.fit(
         _tabular("arm"),
         target=LOG_RHO,

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions import Distribution
 
-from seqppl.checks import check_key
+from seqppl.checks import check_key, check_tokens
 from seqppl.distributions.ancestral import ancestral_sample
 from seqppl.distributions.ebm import EBM
 from seqppl.distributions.logits import TableLogits, function_logits
 from seqppl.distributions.nnx import NNXFunction, module_params
+from seqppl.distributions.parts import ReferenceLogProb
 from seqppl.distributions.support import (
     SequenceSupport,
     batch_shape_of,
@@ -141,7 +142,7 @@ class ARM(Distribution):
 
     def logits(self, tokens) -> jax.Array:
         """Raw logits ``[..., T, A]`` of each decision along ``tokens [..., T]`` (no mask)."""
-        return self.source.logits(jnp.asarray(tokens, jnp.int32), self.prompt)
+        return self.source.logits(check_tokens(tokens, self.space), self.prompt)
 
     def log_policies(self, tokens) -> jax.Array:
         """Normalised next-token log-probabilities ``log π(· | s_t)`` ``[..., T, A]`` at every
@@ -155,19 +156,25 @@ class ARM(Distribution):
     # -- Distribution API -------------------------------------------------------------------
 
     def log_prob(self, value, intermediates=None):
-        """``log p_q(y)`` ``[...]``; −∞ outside the support (never NaN, never raises).
+        """``log p_q(y)`` ``[...]`` of int tokens ``[..., T]``; −∞ outside the support (ids out
+        of range, a non-EOS after EOS, no EOS by the horizon), never NaN from finite logits.
 
         With ``intermediates`` (the step log-probs from ``sample_with_intermediates``) it is
-        their sum, with no second pass.
+        their sum, with no second pass. ``validate_args=True`` adds NumPyro's out-of-support
+        warning (concrete values only).
+
+        Raises:
+            TypeError: ``value`` has no integer dtype (static, so also under ``jit``).
+            ValueError: its last axis is not ``T`` (static); a callable ARM's logits are not
+                ``[..., T, A]`` (static) or hold NaN/+∞ where concrete. Under tracing (``jit``,
+                ``grad``, NUTS) values are invisible: NaN or +∞ logits then give NaN.
         """
         if intermediates:
             return jnp.sum(intermediates[0], -1)
-        value = jnp.asarray(value)
+        value = check_tokens(value, self.space)
         if self._validate_args:
             self._validate_sample(value)
-        if value.ndim == 0 or value.shape[-1] != self.space.horizon:
-            return jnp.full(value.shape[:-1], -jnp.inf)
-        return self.source.log_prob(value.astype(jnp.int32), self.prompt)
+        return self.source.log_prob(value, self.prompt)
 
     def sample_with_intermediates(self, key, sample_shape=()):
         """``(tokens [*sample, *batch, T], [step log-probs [*sample, *batch, T]])``."""
@@ -204,3 +211,17 @@ class ARM(Distribution):
     def tilt(self, reward, scale=1.0) -> EBM:
         """The EBM ``p ∝ p_arm · exp(scale · R)``; ``reward`` an EBM or ``reward_fn(tokens)``."""
         return EBM.from_tilt(self, reward, scale)
+
+    def constrain(self, lat: Lattice, accepting) -> EBM:
+        """The ARM conditioned on a regular constraint: ``R(y) = log p_arm(y)`` where the DFA
+        ``lat`` ends in a state of ``accepting``, else −∞.
+
+        Its ``log_partition()`` is ``log P_arm(y accepted)``, its samples are the ARM's samples
+        given acceptance, and ``to_arm`` of it (exact on lattices) is the conditioned ARM. This
+        differs from ``to_ebm(arm).constrain(...)``, whose ``log Z`` carries the root value
+        ``V_q(x)`` of the raw logits (``to_ebm(arm, normalized=True)`` is this method's base).
+        """
+        parts = (ReferenceLogProb(self),)
+        return EBM.from_parts(parts, self.space, self.prompt, self._validate_args).constrain(
+            lat, accepting
+        )

@@ -1,6 +1,7 @@
 """Exact conversions: ``to_ebm`` (M⁻¹, always) and ``to_arm`` (M, when the EBM has a route).
 
-``p_q = p_{R_r}`` for ``q = M(r)``, and ``V_q(x) = A(x)`` (the theory page, the bijection).
+``p_q = p_{R_r}`` for ``q = M(r)``, and ``V_q(x) = A(x)``
+(docs/theory.md#the-soft-bellman-bijection).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 from seqppl.bellman import inverse_soft_bellman, soft_bellman
 from seqppl.distributions.arm import ARM
 from seqppl.distributions.ebm import EBM
-from seqppl.distributions.parts import PathRewards
+from seqppl.distributions.parts import PathRewards, ReferenceLogProb
 from seqppl.distributions.routes import ExactRoute, NoExactARM
 from seqppl.distributions.support import map_over_batch
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
@@ -20,11 +21,16 @@ from seqppl.tables import table_batch_shape
 __all__ = ["to_arm", "to_ebm", "no_exact_arm_reason"]
 
 
-def to_ebm(arm: ARM) -> EBM:
-    """The EBM with ``R = Σ_t r_t``, ``r = M⁻¹(q)``: the same distribution, ``A(x) = V_q(x)``.
+def to_ebm(arm: ARM, normalized: bool = False) -> EBM:
+    """The EBM of the same distribution as ``arm``.
 
-    Table ARMs give a table EBM on the same lattice; any other ARM gives the path-wise M⁻¹
-    (one logits evaluation per sequence, ``path_rewards``). Nothing is validated again.
+    ``normalized=False`` (M⁻¹): ``R = Σ_t r_t`` with ``r = M⁻¹(q)`` of the raw logits, so
+    ``A(x) = V_q(x)``, the root logsumexp of the logits, which is not 0 unless the logits are
+    normalised: ``log_partition()`` is that value, not a log-probability. ``normalized=True``:
+    ``R(y) = log p_q(y)``, so ``log Z = 0`` and any constraint added later has
+    ``log Z = log P_q(constraint)`` (``arm.constrain`` does this). Table ARMs give a table EBM on
+    the same lattice either way; any other ARM gives the path-wise M⁻¹ (one logits evaluation
+    per sequence, ``path_rewards``) or its ``log_prob``. Nothing is validated again.
 
     Example:
         >>> import jax.numpy as jnp
@@ -34,9 +40,15 @@ def to_ebm(arm: ARM) -> EBM:
         >>> y = jnp.array([1, 0])
         >>> bool(jnp.allclose(ebm.log_prob(y), arm.log_prob(y)))
         True
+        >>> abs(float(to_ebm(arm, normalized=True).log_partition())) < 1e-12
+        True
     """
     if not isinstance(arm, ARM):
         raise TypeError(f"to_ebm takes an ARM, got {type(arm).__name__}")
+    if not isinstance(normalized, bool):
+        raise TypeError(f"normalized must be True or False, got {normalized!r}")
+    if normalized:
+        return EBM.from_parts((ReferenceLogProb(arm),), arm.space, arm.prompt, arm._validate_args)
     if arm.lattice is None:
         return EBM.from_parts((PathRewards(arm),), arm.space, arm.prompt, arm._validate_args)
     lat = arm.lattice

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from numpyro.distributions import Distribution
 
 from seqppl.bellman import root_values, soft_bellman
-from seqppl.checks import check_key, check_same_space, refuse_invalid
+from seqppl.checks import check_key, check_same_space, check_tokens, refuse_invalid
 from seqppl.distributions.ancestral import ancestral_sample
 from seqppl.distributions.logits import TableLogits
 from seqppl.distributions.nnx import NNXFunction, module_params
@@ -45,6 +45,11 @@ from seqppl.space import ENUMERATION_CHUNK, MAX_ENUMERATE, SequenceSpace
 from seqppl.tables import check_table, per_decision, table_batch_shape
 
 __all__ = ["EBM"]
+
+OVERFLOW_HINT = (
+    "the rewards overflow the float dtype (an entry, a scale or a path's sum of finite "
+    "entries): rescale them, lower the scale, or enable float64"
+)
 
 
 class EBM(Distribution):
@@ -180,11 +185,11 @@ class EBM(Distribution):
         """``R(x, y)`` ``[...]``; −∞ outside the support.
 
         Raises:
-            ValueError: when called eagerly and a ``reward_fn`` returns NaN or +∞.
+            TypeError: ``value`` has no integer dtype (static, so also under ``jit``).
+            ValueError: its last axis is not ``T`` (static), or, when called eagerly, a
+                ``reward_fn`` returns NaN or +∞.
         """
-        value = jnp.asarray(value)
-        if value.ndim == 0 or value.shape[-1] != self.space.horizon:
-            return jnp.full(value.shape[:-1], -jnp.inf)
+        value = check_tokens(value, self.space)
         lead = jnp.broadcast_shapes(value.shape[:-1], self.batch_shape)
         value = jnp.broadcast_to(value, (*lead, value.shape[-1]))
         ok = self.support(value)
@@ -240,9 +245,18 @@ class EBM(Distribution):
         Raises:
             NoExactRoute: (a ``ValueError``) when there is no exact route; the message names
                 the estimators.
+            ValueError: a concrete ``log Z`` of +∞ or NaN: rewards that overflow the float
+                dtype (an entry, a scale, or a path's sum of finite entries). Under tracing
+                (``jit``, ``grad``, NUTS) it cannot be seen: ``log_prob`` is then NaN or −∞
+                for every sequence, which NUTS takes for zero density (docs/numpyro.md).
         """
         if self.attached is not None:
             return self.attached.log_z
+        log_z = self._exact_log_partition()
+        refuse_invalid(log_z, "log Z", hint=OVERFLOW_HINT)
+        return log_z
+
+    def _exact_log_partition(self):
         route = self.exact_route
         if route is ExactRoute.DYNAMIC_PROGRAM:
             table, joint = self.reward_table(), self.joint
@@ -274,9 +288,7 @@ class EBM(Distribution):
 
         seqs = jnp.asarray(self.space.enumerate())
         rewards = map_in_chunks(scores, seqs, min(len(seqs), ENUMERATION_CHUNK))
-        log_z = logsumexp(rewards, 0)
-        refuse_invalid(log_z, "log Z (logsumexp of the rewards)")
-        return log_z
+        return logsumexp(rewards, 0)
 
     def with_log_partition(self, estimate) -> EBM:
         """This EBM with ``log_prob = R − estimate`` (a number or a ``PartitionEstimate``).
@@ -304,14 +316,23 @@ class EBM(Distribution):
     # -- Distribution API -------------------------------------------------------------------
 
     def log_prob(self, value):
-        """``R(x, y) − A(x)`` ``[...]``; −∞ outside the support and where ``R = −∞`` (never NaN).
+        """``R(x, y) − A(x)`` ``[...]`` of int tokens ``[..., T]``; −∞ outside the support and
+        where ``R = −∞``, never NaN where the rewards and ``log Z`` are finite.
 
         ``A(x)`` is exact (``log_partition_source == "exact"``) unless this EBM came from
         ``with_log_partition``: then it is that estimate, and ``log_prob`` inherits the
-        estimate's error as a common shift of every sequence.
+        estimate's error as a common shift of every sequence. ``validate_args=True`` adds
+        NumPyro's out-of-support warning (concrete values only).
+
+        Raises:
+            TypeError, ValueError: as ``unnormalized_log_prob`` (dtype and shape: static, also
+                under ``jit``) and ``log_partition`` (concrete NaN/+∞). Under tracing values are
+                invisible: a table or reward that overflows to +∞ inside ``jit`` or NUTS gives
+                NaN or −∞ here, not an error (docs/numpyro.md, "Values under tracing").
         """
+        value = check_tokens(value, self.space)
         if self._validate_args:
-            self._validate_sample(jnp.asarray(value))
+            self._validate_sample(value)
         reward = self.unnormalized_log_prob(value)
         log_z = jnp.broadcast_to(self.log_partition(), reward.shape)
         # R = −∞ scores −∞ even when every sequence is excluded (log Z = −∞): never NaN

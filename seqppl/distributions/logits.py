@@ -17,6 +17,7 @@ tokens, a decoder for ancestral sampling and, for tables, the exact entropy:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.bellman import occupancy
+from seqppl.checks import check_logits
 from seqppl.distributions.support import SequenceSupport, map_over_batch
 from seqppl.lattice import Lattice
 from seqppl.logspace import log_softmax
@@ -54,7 +56,8 @@ class CachedLogits(Protocol):
 
     ``cache`` is a pytree of arrays whose non-scalar leaves lead with ``batch_shape`` (SMC
     resamples them along those axes; scalar leaves are shared). The ARM checks this once, when it
-    is built, with ``jax.eval_shape``.
+    is built, with ``jax.eval_shape``, together with ``__call__`` on tokens ``[..., T]`` (so that
+    a length ``__call__`` refuses is refused before ``sample`` runs the steps).
     """
 
     def __call__(self, *args, **kwargs):
@@ -186,8 +189,14 @@ class FunctionLogits:
         return method(*args) if prompt is None else method(*args, prompt=prompt)
 
     def logits(self, tokens, prompt) -> jax.Array:
-        """Raw logits ``[..., T, A]`` along int32 ``tokens [..., T]`` (one call of ``fn``)."""
-        return self._call(self.fn, prompt, tokens)
+        """Raw logits ``[..., T, A]`` along int32 ``tokens [..., T]`` (one call of ``fn``).
+
+        Raises:
+            ValueError: ``fn``'s output is not ``[..., T, A]`` (static: also under ``jit``), or
+                holds NaN/+∞ where concrete (``checks.check_logits``).
+        """
+        out = self._call(self.fn, prompt, tokens)
+        return check_logits(out, tokens, self.space.num_actions)
 
     def log_policy_table(self):
         """A callable ARM has no table: ``ValueError``."""
@@ -196,7 +205,8 @@ class FunctionLogits:
     def log_prob(self, tokens, prompt) -> jax.Array:
         """``log p_q(y)`` ``[...]`` of int32 ``tokens [..., T]``: one teacher-forced pass, the
         space's last-decision mask applied. Arrays outside the support score −∞; they are
-        replaced by a feasible sequence before ``fn`` sees them (it may index with tokens)."""
+        replaced by a feasible sequence before ``fn`` sees them (it may index with tokens).
+        NaN/+∞ logits are refused where concrete; under tracing they make the result NaN."""
         space = self.space
         ok = SequenceSupport(space)(tokens)
         safe = jnp.where(ok[..., None], tokens, SequenceSupport(space).feasible_like(tokens))
@@ -231,12 +241,18 @@ class CachedFunctionLogits(FunctionLogits):
     def decoder(self, shape, prompt):
         """``((logits [*shape, A], cache), next_logits, advance)`` from ``fn.init``/``fn.step``."""
         first = self._call(self.fn.init, prompt, shape)
-        step = self.fn.step
-        advance = (
-            (lambda c, token, t: step(c[1], token))
-            if self.params is None
-            else (lambda c, token, t: step(self.params, c[1], token))
-        )
+        fn, width = self.fn, self.space.num_actions
+        step = fn.step if self.params is None else functools.partial(fn.step, self.params)
+
+        def advance(c, token, t):
+            logits, cache = step(c[1], token)
+            if jnp.shape(logits) != (*jnp.shape(token), width):  # static
+                raise ValueError(
+                    f"logits_fn.step(cache, token) returned logits of shape {jnp.shape(logits)} "
+                    f"for tokens of shape {jnp.shape(token)}; expected {(*jnp.shape(token), width)}"
+                )
+            return logits, cache
+
         return first, lambda c, t: c[0], advance
 
 
@@ -272,12 +288,17 @@ def function_logits(fn, space: SequenceSpace, params, prompt, batch_shape) -> Fu
 
 
 def _check_cache_layout(source: CachedFunctionLogits, prompt, batch_shape) -> None:
-    """Every non-scalar leaf of ``init``'s output leads with the decoded batch (checked
-    abstractly with ``jax.eval_shape``; skipped when parameters or prompt are traced)."""
+    """The teacher-forcing call accepts the space's tokens ``[*shape, T]`` and returns
+    ``[*shape, T, A]`` (so a length it refuses, e.g. a Transformer's ``max_len``, is refused
+    here, before ``sample`` runs the cached steps, which cannot raise), and every non-scalar
+    leaf of ``init``'s output leads with the decoded batch: checked abstractly with
+    ``jax.eval_shape``, the layout only when parameters and prompt are concrete."""
+    shape = (3, *batch_shape)  # an unusual lead, so that a hard-coded batch shows
+    tokens = jax.ShapeDtypeStruct((*shape, source.space.horizon), jnp.int32)
+    jax.eval_shape(lambda s, y, x: s.logits(y, x), source, tokens, prompt)
     leaves = jax.tree.leaves((source.params, prompt))
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return
-    shape = (3, *batch_shape)  # an unusual lead, so that a hard-coded batch shows
     state = jax.eval_shape(lambda: source.decoder(shape, prompt)[0])
     logits, cache = state
     if logits.shape != (*shape, source.space.num_actions):

@@ -213,7 +213,7 @@ class RewardFunction(_Scaled):
         out = jnp.asarray(self.fn(*args) if prompt is None else self.fn(*args, prompt=prompt))
         if out.shape != tokens.shape[:-1]:
             raise ValueError(f"reward_fn must return shape {tokens.shape[:-1]}, got {out.shape}")
-        refuse_invalid(out, "reward_fn(tokens)")
+        refuse_invalid(out, "reward_fn(tokens)", rows=tokens)
         return out
 
 
