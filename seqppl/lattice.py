@@ -22,6 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.checks import check_counts
+from seqppl.constraints import (
+    accepting_mask,
+    compile_regex,
+    json_schema_regex,
+    product_accepting,
+    token_texts,
+)
 from seqppl.space import SequenceSpace
 from seqppl.tables import path_entries
 
@@ -46,6 +53,9 @@ class Lattice:
         reads_prompt: whether a prompt moves the initial state (False for a prefix tree, which
             hangs below the prompt).
         order: the context length ``k`` of a Markov lattice (None for the other kinds).
+        accepting: bool ``[S]``, the accepting states of an automaton compiled from a
+            specification (``regex``, ``json_schema``) or given to ``automaton``; a product
+            accepts where every factor that has accepting states accepts; else None.
 
     Example:
         >>> space = SequenceSpace(vocab_size=2, length=3)
@@ -62,6 +72,7 @@ class Lattice:
     reads_prompt: bool = True
     _factor_states: tuple = field(default=(), repr=False)
     order: int | None = None
+    accepting: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_states(self) -> int:
@@ -127,12 +138,13 @@ class Lattice:
         return cls(space, _as_delta(delta), num_states - 1, "markov", order=int(order))
 
     @classmethod
-    def automaton(cls, space: SequenceSpace, delta, initial: int = 0) -> Lattice:
+    def automaton(cls, space: SequenceSpace, delta, initial: int = 0, accepting=None) -> Lattice:
         """A user DFA with transition table ``delta`` int ``[S, V]`` or ``[S, A]``.
 
         With ``[S, V]`` in a variable-length space the EOS column is added (δ(s, EOS) = s); a
-        given EOS column is replaced by that self-loop. Acceptance is expressed as rewards, see
-        ``accepting_rewards``.
+        given EOS column is replaced by that self-loop. ``accepting`` (state ids or bool
+        ``[S]``, optional) is kept as ``lattice.accepting``, the default of ``constrain``;
+        acceptance is expressed as rewards, see ``accepting_rewards``.
         """
         table = np.asarray(delta)
         if table.dtype == bool or not np.issubdtype(table.dtype, np.integer):
@@ -154,7 +166,23 @@ class Lattice:
             raise ValueError(f"initial must be a state in [0, {num_states - 1}], got {initial!r}")
         full = np.tile(np.arange(num_states)[:, None], (1, space.num_actions))
         full[:, : space.vocab_size] = tokens
-        return cls(space, _as_delta(full), int(initial), "automaton")
+        accept = None if accepting is None else accepting_mask(accepting, num_states)
+        return cls(space, _as_delta(full), int(initial), "automaton", accepting=accept)
+
+    @classmethod
+    def regex(cls, space: SequenceSpace, pattern: str, tokens) -> Lattice:
+        """The DFA of token sequences whose text (the concatenation of their tokens' texts)
+        fullmatches ``pattern`` (Rust ``regex`` syntax), compiled by outlines-core, with its
+        ``accepting`` states (``seqppl.constraints``). ``tokens``: ``V`` strings, one per id,
+        or a ``tokenizers.Tokenizer``. States that cannot reach acceptance are one dead state."""
+        delta, initial, accepting = compile_regex(pattern, token_texts(tokens, space.vocab_size))
+        return cls.automaton(space, delta, initial, accepting)
+
+    @classmethod
+    def json_schema(cls, space: SequenceSpace, schema, tokens, whitespace=None) -> Lattice:
+        """``regex`` of the JSON documents valid under ``schema`` (a dict or a JSON string);
+        ``whitespace``: the pattern allowed between JSON tokens (default ``[ ]?``)."""
+        return cls.regex(space, json_schema_regex(schema, whitespace), tokens)
 
     def product(self, other: Lattice) -> Lattice:
         """The product lattice: state ``u·S_2 + v`` for the pair ``(u, v)``."""
@@ -171,6 +199,7 @@ class Lattice:
             "product",
             factors=(self, other),
             _factor_states=(first, second),
+            accepting=product_accepting(self.accepting, other.accepting, first, second),
         )
 
     # -- states of paths ------------------------------------------------------------------------
@@ -302,29 +331,22 @@ class Lattice:
             )
         return jnp.take(table, jnp.asarray(self._factor_states[factor]), axis=-2)
 
-    def accepting_rewards(self, accepting, dtype=jnp.float32) -> jax.Array:
+    def accepting_rewards(self, accepting=None, dtype=jnp.float32) -> jax.Array:
         """Hard acceptance as local rewards, float ``[T, S, A]``: 0 or −∞.
 
-        A path is accepted when the state after its last token is in ``accepting``. Fixed length:
-        ``r[T-1, s, a] = 0 if δ(s, a) ∈ accepting``. Variable length: ``r[t, s, EOS] = 0 if s ∈
-        accepting``. Every other entry is 0.
+        A path is accepted when the state after its last token is in ``accepting`` (state ids or
+        bool ``[S]``; default ``self.accepting``). Fixed length: ``r[T-1, s, a] = 0 if δ(s, a) ∈
+        accepting``. Variable length: ``r[t, s, EOS] = 0 if s ∈ accepting``. Every other entry
+        is 0.
         """
-        accept = np.zeros(self.num_states, dtype=bool)
-        ids = np.atleast_1d(np.asarray(accepting))
-        if ids.dtype == bool:
-            if ids.shape != (self.num_states,):
-                raise ValueError(f"a boolean accepting must have shape [{self.num_states}]")
-            accept = ids
-        elif ids.size:
-            if (
-                not np.issubdtype(ids.dtype, np.integer)
-                or ids.min() < 0
-                or ids.max() >= self.num_states
-            ):
+        if accepting is None:
+            if self.accepting is None:
                 raise ValueError(
-                    f"accepting must hold states in [0, {self.num_states - 1}], got {ids}"
+                    "accepting is required: this lattice carries no accepting states (give the "
+                    "state ids, or compile it with Lattice.regex / Lattice.json_schema)"
                 )
-            accept[ids] = True
+            accepting = self.accepting
+        accept = accepting_mask(accepting, self.num_states)
         space = self.space
         r = np.zeros((space.horizon, self.num_states, space.num_actions))
         if space.eos:

@@ -149,11 +149,14 @@ def test_layers_import_downwards_only():
     """DESIGN's layers: each module imports only from its own layer and those below."""
     layer = {
         **dict.fromkeys(["space", "logspace", "checks", "sharding", "diagnostics", "progress"], 1),
-        **dict.fromkeys(["tables", "lattice", "products"], 2),
+        "constraints": 1,
+        **dict.fromkeys(["tables", "lattice", "products", "options"], 2),
         **dict.fromkeys(["backward", "bellman"], 3),
         "distributions": 4,
         **dict.fromkeys(["estimate", "importance", "smc", "partition", "train", "loop"], 5),
+        "masking": 5,
         **dict.fromkeys(["objectives", "distill", "report", "distillation_report"], 6),
+        "constraint_report": 6,
         **dict.fromkeys(["posterior_comparison", "student_posterior"], 6),
         **dict.fromkeys(["cli", "__main__", "environment"], 7),
     }

@@ -212,9 +212,9 @@ class ARM(Distribution):
         """The EBM ``p ∝ p_arm · exp(scale · R)``; ``reward`` an EBM or ``reward_fn(tokens)``."""
         return EBM.from_tilt(self, reward, scale)
 
-    def constrain(self, lat: Lattice, accepting) -> EBM:
+    def constrain(self, lat: Lattice, accepting=None) -> EBM:
         """The ARM conditioned on a regular constraint: ``R(y) = log p_arm(y)`` where the DFA
-        ``lat`` ends in a state of ``accepting``, else −∞.
+        ``lat`` ends in a state of ``accepting`` (default ``lat.accepting``), else −∞.
 
         Its ``log_partition()`` is ``log P_arm(y accepted)``, its samples are the ARM's samples
         given acceptance, and ``to_arm`` of it (exact on lattices) is the conditioned ARM. This

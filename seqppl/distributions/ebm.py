@@ -382,8 +382,9 @@ class EBM(Distribution):
         parts = tuple(part.scaled(beta) for part in self.parts)
         return self.from_parts(parts, self.space, self.prompt)
 
-    def constrain(self, lat: Lattice, accepting) -> EBM:
-        """``R`` where the DFA ``lat`` ends in a state of ``accepting``, else −∞."""
+    def constrain(self, lat: Lattice, accepting=None) -> EBM:
+        """``R`` where the DFA ``lat`` ends in a state of ``accepting`` (default ``lat.accepting``),
+        else −∞; its log Z is a log-probability only for a normalised EBM (``arm.constrain``)."""
         check_same_space("lat", lat.space, self.space)
         constraint = Constraint(lat.accepting_rewards(accepting, jnp.result_type(float)), lat)
         return self.from_parts((*self.parts, constraint), self.space, self.prompt)
