@@ -25,10 +25,12 @@ DEPENDENCIES = (
     "h5py",
     "numpy",
     "xarray",
+    "outlines-core",
+    "tokenizers",
 )
 """The distributions seqppl installs with, whose versions ``environment`` reports."""
-OPTIONAL_DEPENDENCIES = ("outlines-core", "tokenizers")
-"""Reported as ``"not installed"`` when absent."""
+OPTIONAL_DEPENDENCIES = ("funsor",)
+"""The ``bench`` extra's peers, reported as ``"not installed"`` when absent."""
 
 
 def environment() -> list[tuple[str, str]]:
