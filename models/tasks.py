@@ -80,14 +80,13 @@ def digit_sum_task(
 def locally_masked_arm(task: DigitSumTask) -> sp.ARM:
     """The constrained decoder: ``π(a | s) ∝ π_ref(a | s) · [a keeps the constraint satisfiable]``.
 
-    Feasibility of ``a`` at decision t is ``M(c)[t, s, a] > −∞`` for the constraint's 0/−∞
-    rewards ``c`` alone (some completion within the horizon is accepted). A table ARM on the
-    task's lattice.
+    ``sp.masked_arm(reference, constraint, "feasible")``: ``a`` is allowed at decision t when
+    some completion within the horizon is accepted (digit sum ≡ 0). A table ARM on the task's
+    lattice.
     """
-    acceptance = task.lattice.lift(task.constraint.accepting_rewards([0]), 1)
-    acceptance = jnp.broadcast_to(acceptance, task.rewards.shape)
-    feasible = jnp.isfinite(sp.soft_bellman(task.lattice, acceptance)[0])
-    return sp.ARM.from_table(task.lattice, jnp.where(feasible, task.rewards, -jnp.inf))
+    log_probs = task.lattice.lift(sp.log_softmax(task.bigram_logits, -1), 0)
+    reference = sp.ARM.from_table(task.lattice, log_probs)
+    return sp.masked_arm(reference, task.constraint, "feasible", accepting=[0])
 
 
 def lookahead_student(

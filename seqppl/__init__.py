@@ -24,6 +24,8 @@ from seqppl.distributions import (
 from seqppl.estimate import PartitionEstimate
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
 from seqppl.logspace import log_softmax, logsumexp, softmax
+from seqppl.masking import masked_arm
+from seqppl.masking_report import ConstraintReport, constraint_report
 from seqppl.partition import log_partition
 from seqppl.posterior_comparison import PosteriorComparison, compare_posteriors
 from seqppl.report import DistillationReport, plot_distillation_history
@@ -65,6 +67,9 @@ __all__ = [
     "DistillationReport",
     "DistillationStopped",
     "plot_distillation_history",
+    "masked_arm",
+    "constraint_report",
+    "ConstraintReport",
     "compare_posteriors",
     "PosteriorComparison",
     "distillation_posterior",

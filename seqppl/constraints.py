@@ -30,6 +30,7 @@ import numpy as np
 __all__ = [
     "compile_regex",
     "accepting_mask",
+    "co_reachable",
     "product_accepting",
     "json_schema_regex",
     "token_texts",
@@ -112,7 +113,7 @@ def compile_regex(pattern: str, texts: list[str]) -> tuple[np.ndarray, int, np.n
                 delta[k, token] = dense.get(target, dead)  # pruned below if it cannot accept
     delta[:dead, [i for i, t in enumerate(texts) if not t]] = np.arange(dead)[:, None]
     initial = dense.get(index.get_initial_state(), dead)
-    live = _co_reachable(delta, accepting)
+    live = co_reachable(delta, accepting)
     if not live[initial]:
         raise ValueError(f"no token sequence over this vocabulary matches {pattern!r}")
     delta = np.where(live[delta], delta, dead)
@@ -120,8 +121,9 @@ def compile_regex(pattern: str, texts: list[str]) -> tuple[np.ndarray, int, np.n
     return _renumber(*_minimise(delta, initial, accepting & live))
 
 
-def _co_reachable(delta: np.ndarray, accepting: np.ndarray) -> np.ndarray:
-    """bool ``[S]``: the states from which some accepting state is reachable."""
+def co_reachable(delta: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """bool ``[S]``: the states from which some accepting state is reachable through ``delta``
+    int ``[S, V]`` (any number of steps; ``accepting`` bool ``[S]``)."""
     live = accepting.copy()
     while True:
         grown = live | live[delta].any(axis=1)

@@ -156,7 +156,7 @@ def test_layers_import_downwards_only():
         **dict.fromkeys(["estimate", "importance", "smc", "partition", "train", "loop"], 5),
         "masking": 5,
         **dict.fromkeys(["objectives", "distill", "report", "distillation_report"], 6),
-        "constraint_report": 6,
+        "masking_report": 6,
         **dict.fromkeys(["posterior_comparison", "student_posterior"], 6),
         **dict.fromkeys(["cli", "__main__", "environment"], 7),
     }
