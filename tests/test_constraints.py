@@ -1,5 +1,5 @@
 """Constraints compiled from specifications (outlines-core) against oracles nobody here wrote:
-Python's ``re.fullmatch`` on the detokenised text, ``json.loads``, brute-force enumeration and χ²."""
+Python's ``re.fullmatch`` on the detokenised text, ``json.loads``, enumeration and χ²."""
 
 import itertools
 import json
