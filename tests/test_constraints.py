@@ -34,7 +34,7 @@ def patterns(draw, depth: int = 3):
     if kind == "count":
         low = draw(st.integers(0, 2))
         return f"(?:{inner}){{{low},{low + draw(st.integers(0, 2))}}}"
-    return f"(?:{inner}){ {'star': '*', 'plus': '+', 'opt': '?'}[kind]}"
+    return f"(?:{inner}){ {'star': '*', 'plus': '+', 'opt': '?'}[kind] }"
 
 
 @st.composite
