@@ -1,8 +1,10 @@
 """``distillation_error``: how far an ARM is from a target EBM (docs/theory.md#distillation-error):
 both KLs, TV, the per-position split of the reverse KL, the logit error ε and the bound ``2T·ε``.
 
-Exact mode enumerates the space. Monte Carlo mode draws from the student (and from the target
-when it samples exactly) and gives normal intervals from the ELBO/EUBO sandwich:
+Exact mode enumerates the space, or, when it is too large and both models are table ARMs (the
+target's exact ARM and the student), runs a dynamic program on their lattices. Monte Carlo mode
+draws from the student (and from the target when it samples exactly) and gives normal intervals
+from the ELBO/EUBO sandwich:
 ``KL(p_q ‖ p_R) = log Z − E_q[R − log q]`` and ``KL(p_R ‖ p_q) = E_{p_R}[R − log q] − log Z``.
 When the target has an exact ARM (a lattice EBM, or an enumerable space) the reverse KL is the
 chain rule's Rao–Blackwellised sum ``Σ_t E_{s_t ~ p_q} KL(π_q(·|s_t) ‖ π_R(·|s_t))``, which also
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqppl.bellman import occupancy
 from seqppl.checks import (
     check_choice,
     check_counts,
@@ -100,13 +103,16 @@ def distillation_error(
 
 def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
     space = ebm.space
-    if space.num_sequences > MAX_ENUMERATE:
-        raise ValueError(
-            f"method='exact' enumerates the space, which has {space.num_sequences} sequences "
-            f"(more than {MAX_ENUMERATE}); use method='mc' with key="
-        )
     if ebm.log_partition_source != "exact":
         raise ValueError("method='exact' needs the EBM's exact log Z, not an attached estimate")
+    if space.num_sequences > MAX_ENUMERATE:
+        if teacher is None or arm.lattice is None or arm.batch_shape:
+            raise ValueError(
+                f"method='exact' enumerates the space, which has {space.num_sequences} "
+                f"sequences (more than {MAX_ENUMERATE}), unless the target has an exact ARM "
+                "and the arm is one table ARM (a dynamic program); use method='mc' with key="
+            )
+        return _exact_on_lattices(arm, teacher, level)
     seqs = jnp.asarray(space.enumerate())
     log_p, log_q = (np.asarray(x, np.float64) for x in _log_probs(ebm, arm, seqs))
     refuse_invalid(log_p, "ebm.log_prob(y)", rows=seqs)
@@ -145,6 +151,58 @@ def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
         horizon=space.horizon,
         notes=tuple(notes),
     )
+
+
+def _exact_on_lattices(arm: ARM, teacher: ARM, level) -> DistillationReport:
+    """The exact report of two table ARMs by dynamic programming, for spaces too large to
+    enumerate: ``KL(p_q ‖ p_R) = Σ_{t,s,a} μ_q[t,s,a] (log π_q − log π_R)[t,s,a]`` with ``μ_q``
+    the student's occupancy on the lattice both live on (their product unless they are the
+    same automaton), per decision t the per-position KL; the forward KL with ``μ_R``; ε over
+    the states either visits. TV has no such decomposition: None."""
+    kls, eps = (np.asarray(x, np.float64) for x in _lattice_terms(arm, teacher))
+    per_position, forward = kls
+    return DistillationReport(
+        kl_reverse=float(per_position.sum()),
+        kl_forward=float(forward.sum()),
+        kl_reverse_interval=(float(per_position.sum()),) * 2,
+        kl_forward_interval=(float(forward.sum()),) * 2,
+        kl_reverse_stderr=0.0,
+        kl_forward_stderr=0.0,
+        tv=None,
+        per_position_kl=per_position,
+        per_position_kl_stderr=np.zeros_like(per_position),
+        logit_error=float(eps),
+        bound=2 * arm.space.horizon * float(eps),
+        logit_error_scope="reachable states",
+        method="exact",
+        level=level,
+        horizon=arm.space.horizon,
+        notes=("both KLs by dynamic programming on the lattices (no TV: the space is too large "
+               "to enumerate)",),
+    )  # fmt: skip
+
+
+@jax.jit
+def _lattice_terms(student: ARM, teacher: ARM):
+    """``([per-position KL(q ‖ R), per-position KL(R ‖ q)] [2, T], ε)`` of two table ARMs."""
+    lat, other = student.lattice, teacher.lattice
+    log_s, log_t = student.log_policy_table(), teacher.log_policy_table()
+    same = lat is other or (
+        lat.initial == other.initial and np.array_equal(lat.delta, other.delta)
+        and lat.reads_prompt == other.reads_prompt and student.prompt is None
+    )  # fmt: skip
+    if not same:
+        lat = lat.product(other)
+        log_s, log_t = lat.lift(log_s, 0), lat.lift(log_t, 1)
+    mu_s, mu_t = (occupancy(lat, log, student.prompt, trusted=True) for log in (log_s, log_t))
+
+    def weighted(mu, log_a, log_b):  # Σ_{s,a} μ (log_a − log_b), 0 where μ = 0, ∞ if log_b = −∞
+        gap = jnp.where(log_b == -jnp.inf, jnp.inf, log_a - jnp.where(mu > 0, log_b, 0))
+        return jnp.sum(jnp.where(mu > 0, mu * gap, 0), axis=(1, 2))
+
+    visited = (mu_s.sum(-1) > 0) | (mu_t.sum(-1) > 0)
+    eps = jnp.max(jnp.where(visited, half_range_gap(log_t, log_s), 0))
+    return jnp.stack([weighted(mu_s, log_s, log_t), weighted(mu_t, log_t, log_s)]), eps
 
 
 @jax.jit

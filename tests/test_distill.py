@@ -418,3 +418,29 @@ def test_stopping_on_khat_keeps_history_consistent_across_resume(tmp_path):
         with pytest.warns(DistillationStopped, match="ESS fell below 25.6"):
             _, history = sp.distill(ebm, _tabular_student(), **options)
         assert list(history["step"]) == [0]
+
+
+@settings(max_examples=max(4, settings.default.max_examples // 2))
+@given(problems(dtype=np.float64), st.data())
+def test_dynamic_program_report_equals_enumeration(problem, data):
+    """Oracle: the exact report's dynamic program (used where the space is too large to
+    enumerate) gives the enumerated KLs, per-position KL and ε, on the same lattice and on two
+    different lattices (their product); a target's masked entries give an infinite KL."""
+    lat, table, prompt, dtype, scale = problem
+    ebm = sp.EBM.from_table(lat, jnp.asarray(table))
+    assume(np.isfinite(float(ebm.log_partition())))
+    other = data.draw(lattices(lat.space))
+    q, _ = data.draw(arm_tables(other, dtype))
+    for student in (sp.ARM.from_table(other, jnp.asarray(q)), sp.to_arm(ebm.tempered(0.5))):
+        enumerated = sp.distillation_error(ebm, student, "exact")
+        with mock.patch.object(distillation_report, "MAX_ENUMERATE", 0):
+            dynamic = sp.distillation_error(ebm, student, "exact")
+        tol = tolerance(dtype, lat.space.horizon, scale) * 16
+        for name in ("kl_reverse", "kl_forward", "logit_error"):
+            want, got = getattr(enumerated, name), getattr(dynamic, name)
+            assert (want == got == np.inf) or abs(want - got) <= tol * max(1, abs(want)), name
+        finite = np.isfinite(enumerated.per_position_kl)
+        np.testing.assert_allclose(
+            dynamic.per_position_kl[finite], enumerated.per_position_kl[finite], atol=tol
+        )
+        assert dynamic.tv is None and "dynamic programming" in dynamic.notes[0]

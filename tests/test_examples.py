@@ -38,6 +38,7 @@ def test_every_example_is_covered_here():
         "lookahead.py",
         "student_posterior.py",
         "paper_reproduction.py",
+        "constrained_json.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
@@ -134,3 +135,15 @@ def test_paper_reproduction(tmp_path):
     first, last = (float(rows[0][1]), float(rows[0][2])), (float(rows[-1][1]), float(rows[-1][2]))
     assert last[0] < first[0] / 50 and last[1] < first[1] / 50  # both gaps fall
     assert number_after("after-map distance", text) > 1.5
+
+
+def test_constrained_json():
+    """Exact samples are valid documents; myopic masking runs away on the schema, feasible
+    masking is valid but off the target, the exact M is the target."""
+    text = run_example("constrained_json.py")
+    assert "all valid under the schema: True" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[-4:-1]}
+    assert set(rows) == {"myopic", "feasible", "exact"}, rows
+    assert float(rows["myopic"][2]) > 0.5  # P(invalid): the length limit, never closed
+    assert float(rows["feasible"][2]) == 0 and float(rows["feasible"][0]) > 0.1
+    assert float(rows["exact"][1]) == 0 and float(rows["exact"][3]) == 0  # "exact M" splits
