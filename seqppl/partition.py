@@ -68,7 +68,9 @@ def log_partition(
         defensive, defensive_proposal: IS from ``(1 − α) q + α u`` with ``α = defensive`` and
             ``u`` the uniform policy (or ``defensive_proposal``): bounded weights.
         progress: IS progress bar over chunks (default: when there is more than one chunk).
-        twist: SMC intermediate targets: None, ``"exact"`` (lattice EBM soft values) or a
+        twist: SMC intermediate targets: None, ``"exact"`` (lattice EBM soft values), a
+            lattice EBM approximating ``ebm`` (its exact twist: e.g. an n-gram fit to a
+            neural proposal, constrained like the target) or a
             causal ``twist_fn(tokens [P, T]) -> [P, T]`` (entry t estimates
             ``log Σ_{y' extends y[:t+1]} exp R(y')``).
         resampling, ess_threshold, num_replicates: SMC's scheme (``"multinomial"``,

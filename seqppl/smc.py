@@ -7,6 +7,10 @@ Intermediate targets on prefixes: ``γ_t(y_{≤t}) = exp Φ_t(y_{≤t})`` for ``
 - ``twist="exact"``: a lattice EBM's accumulated local rewards plus the soft value of the
   state reached, ``Φ_t = Σ_{k≤t} r_k + V[t+1, s_{t+1}]`` (docs/theory.md#sequential-monte-carlo):
   exact prefix marginals;
+- ``twist=approx``, an EBM on lattices over the same space (e.g. an n-gram fit to a neural
+  proposal, times the constraint's DFA): the same ``Φ_t`` of ``approx`` — the exact twist of an
+  approximation of the target, for targets with no dynamic program (a neural base × a
+  constraint); carried along each particle's lattice state, one lookup per step;
 - a callable ``twist_fn(tokens [P, T]) -> [P, T]``, causal, entry t for ``y[:t+1]`` (a learned
   value function ``V(prefix)`` in this total form).
 
@@ -29,9 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.bellman import soft_values
-from seqppl.checks import check_choice, check_counts, check_mesh, check_number, refuse_invalid
+from seqppl.checks import (
+    check_choice,
+    check_counts,
+    check_mesh,
+    check_model,
+    check_number,
+    refuse_invalid,
+)
 from seqppl.diagnostics import kish_ess, sequence_khat, weight_warnings
-from seqppl.distributions import ExactRoute
+from seqppl.distributions import EBM, ExactRoute
 from seqppl.distributions.ancestral import draw_step
 from seqppl.estimate import (
     DefensiveMixture,
@@ -80,10 +91,10 @@ def sequential_monte_carlo(
             f"num_samples={num_samples} gives {particles} particles per replicate "
             f"(num_replicates={num_replicates}); need at least 2"
         )
-    _check_twist(ebm, twist)
+    spec, lattice_twist = _check_twist(ebm, twist)
     check_proposal_covers(ebm, DefensiveMixture(proposal))
     keys = jax.random.split(jax.random.fold_in(key, 1), num_replicates)
-    out = _run(ebm, proposal, keys, ess_threshold, twist, particles, resampling, mesh)
+    out = _run(ebm, proposal, keys, ess_threshold, spec, particles, resampling, mesh, lattice_twist)
     out = {name: to_host(value) for name, value in out.items()}
     log_w = np.asarray(out["log_w"], np.float64)  # [R, P], each row carries log Ẑ_r's prefix
     if np.isnan(log_w).any():
@@ -137,7 +148,9 @@ def _nan_source(ebm, proposal, twist, out) -> str:
         ("the EBM's reward", lambda: ebm.unnormalized_log_prob(tokens)),
         ("the proposal's log q", lambda: proposal.log_prob(tokens)),
     ]
-    if callable(twist):
+    if isinstance(twist, EBM):
+        parts.append(("the twist EBM's reward", lambda: twist.unnormalized_log_prob(tokens)))
+    elif callable(twist):
         parts.append(("twist_fn(tokens)", lambda: twist(tokens)))
     for what, score in parts:
         try:
@@ -167,27 +180,43 @@ class _Twist:
         self.init, self.update = init, update
 
 
-def _check_twist(ebm, twist) -> None:
+def _check_twist(ebm, twist):
+    """``(spec, lattice EBM or None)``: ``spec`` is None, ``"lattice"`` (the twist is the exact
+    twist of the lattice EBM: the target for ``"exact"``, or a given approximation) or a
+    callable ``twist_fn``."""
+    if isinstance(twist, EBM):
+        check_model(twist, EBM, ebm, "twist")
+        if twist.exact_route is not ExactRoute.DYNAMIC_PROGRAM or twist.batch_shape:
+            raise ValueError(
+                "a twist EBM must have all its parts on lattices (a dynamic program) and batch "
+                "shape (), e.g. an n-gram fit to the proposal, constrained: base.constrain(dfa)"
+            )
+        return "lattice", twist
     if isinstance(twist, str):
         if twist != "exact":
-            raise ValueError(f"twist must be None, 'exact' or a callable, got {twist!r}")
+            raise ValueError(f"twist must be None, 'exact', an EBM or a callable, got {twist!r}")
         if ebm.exact_route is not ExactRoute.DYNAMIC_PROGRAM:
             raise ValueError(
-                "twist='exact' needs an EBM whose parts are all lattice tables; pass a learned "
-                "twist_fn(tokens) -> [P, T] instead"
+                "twist='exact' needs an EBM whose parts are all lattice tables; pass a lattice "
+                "EBM that approximates it (twist=approx_ebm) or a twist_fn(tokens) -> [P, T]"
             )
-    elif twist is not None and not callable(twist):
-        raise TypeError(f"twist must be None, 'exact' or a callable, got {type(twist).__name__}")
+        return "lattice", ebm
+    if twist is not None and not callable(twist):
+        raise TypeError(
+            f"twist must be None, 'exact', an EBM or a callable, got {type(twist).__name__}"
+        )
+    return twist, None
 
 
 def _twist(ebm, twist) -> _Twist:
-    """The twist of ``_check_twist``-ed ``twist`` (built inside the trace)."""
+    """The twist of a ``_check_twist`` spec, built inside the trace (for ``"lattice"``, ``ebm``
+    is the lattice EBM)."""
     if twist is None:  # Φ_t = log q(y_{≤t}): the running proposal log-probability
         return _Twist(
             lambda p: jnp.zeros((p,)),
             lambda acc, tokens, token, done, log_pi, t: (acc + log_pi,) * 2,
         )
-    if twist == "exact":
+    if twist == "lattice":  # ebm: the lattice EBM whose exact twist this is
         joint, table = ebm.joint, per_decision(ebm.reward_table(), ebm.space.horizon)
         values, delta = soft_values(joint, table, trusted=True), jnp.asarray(joint.delta)
         start = joint.initial_state(ebm.prompt, trusted=True)
@@ -246,11 +275,11 @@ def _gather(tree, index, p):
 
 
 @functools.partial(jax.jit, static_argnames=("twist_spec", "p", "scheme", "mesh"))
-def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None):
+def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None, lattice=None):
     """``num_replicates = len(keys)`` independent SMC runs of ``p`` particles (vmapped; the
     replicates split over ``mesh``)."""
     space = ebm.space
-    twist = _twist(ebm, twist_spec)
+    twist = _twist(lattice, twist_spec)
     dtype = jnp.result_type(float)
     horizon, eos = space.horizon, space.eos_sentinel
 

@@ -458,3 +458,30 @@ def test_progress_bars_stay_quiet_off_a_terminal(capfd):
         warnings.simplefilter("ignore", sp.EstimateWarning)  # 64 draws: k-hat unreliable
         sp.log_partition(ebm, "is", arm, 64, jax.random.key(0), chunk_size=8, progress=True)
     assert "importance sampling" not in capfd.readouterr().err
+
+
+def test_lattice_twist_for_a_callable_proposal():
+    """A twist EBM equal to the target makes SMC with a callable copy of the exact ARM exact
+    (zero variance); an approximate lattice twist (a noisy n-gram × the constraint) for a
+    callable base is within its standard error; a twist EBM without a DP is refused."""
+    space = sp.SequenceSpace(4, 6, eos=True)
+    lat = sp.Lattice.markov(space, 1)
+    rng = np.random.default_rng(0)
+    base = sp.ARM.from_table(lat, jnp.asarray(rng.standard_normal((lat.num_states, 5))))
+    dfa = sp.Lattice.regex(space, "(?:0|1)*2(?:3|0)*", ["0", "1", "2", "3"])
+    target = base.constrain(dfa)
+    exact = float(target.log_partition())
+    exact_arm = sp.to_arm(target)
+    as_callable = sp.ARM(lambda y: exact_arm.logits(y), space)
+    est = sp.log_partition(target, "smc", as_callable, 256, jax.random.key(0), twist=target)
+    assert abs(est.log_z - exact) < 1e-5 and est.stderr < 1e-5
+    noise = 0.3 * rng.standard_normal((space.horizon, lat.num_states, 5))
+    approx = sp.ARM.from_table(lat, base.log_policy_table() + noise).constrain(dfa)
+    neural = sp.ARM(lambda y: base.logits(y), space)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sp.EstimateWarning)
+        est = sp.log_partition(target, "smc", neural, 2048, jax.random.key(1), twist=approx)
+    assert abs(est.log_z - exact) <= 4 * est.stderr
+    no_dp = sp.EBM(lambda y: jnp.zeros(y.shape[:-1]), space)
+    with pytest.raises(ValueError, match="twist EBM must have all its parts on lattices"):
+        sp.log_partition(target, "smc", neural, 64, jax.random.key(2), twist=no_dp)
