@@ -97,6 +97,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     print("\n" + "\n".join(table))
     for message in estimate.messages:
         print(f"warning (IS estimate): {message}")
+    if estimate.khat_note:
+        print(f"note (IS estimate): {estimate.khat_note}")
 
     figures = demo_figures(constrained_report, report, history, estimate)
     import matplotlib.pyplot as plt  # after demo_figures chose the Agg backend
@@ -132,9 +134,13 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
 
 def report_markdown(header: str, rows, constrained_report, report, estimate) -> str:
     """``report.md``: ``header``, the table of ``rows`` (quantity, value), the IS estimate's
-    warnings beneath it (``estimate.messages``), the per-position KLs and the figures."""
+    warnings beneath it (``estimate.messages``, and ``khat_note``), the per-position KLs and the
+    figures."""
     table = ["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
-    warned = ["\n".join(f"- **warning (IS estimate):** {m}" for m in estimate.messages)]
+    notes = [f"- **note (IS estimate):** {estimate.khat_note}"] if estimate.khat_note else []
+    warned = [
+        "\n".join([*(f"- **warning (IS estimate):** {m}" for m in estimate.messages), *notes])
+    ]
     per_position = "\n".join(
         f"| {t} | {a:.5f} | {b:.5f} |"
         for t, (a, b) in enumerate(
@@ -144,7 +150,7 @@ def report_markdown(header: str, rows, constrained_report, report, estimate) -> 
     sections = [
         header.rstrip(),
         "\n".join(table),
-        *(warned if estimate.messages else []),
+        *(warned if estimate.messages or notes else []),
         "## Per-position KL(· ‖ target)",
         "| t | constrained | student |\n|---|---|---|\n" + per_position,
         "![distillation](distillation.png)",

@@ -16,6 +16,9 @@ __all__ = [
     "EstimateWarning",
     "pareto_khat",
     "sequence_khat",
+    "tail_share",
+    "tail_note",
+    "TAIL_SHARE",
     "khat_threshold",
     "kish_ess",
     "weight_warnings",
@@ -28,6 +31,8 @@ __all__ = [
 
 MIN_KHAT_SAMPLES = 100
 """Below this many weights k-hat is itself too noisy to trust."""
+TAIL_SHARE = 0.05
+"""Smallest share of the estimate its Pareto tail must carry for a high k-hat to warn."""
 MIN_TAIL_WEIGHTS = 25
 """Fewest finite weights for which PSIS has a tail of 5 to fit."""
 
@@ -83,12 +88,7 @@ def sequence_khat(log_weights, sequences, groups=None) -> tuple[float, str | Non
     Returns:
         ``(k-hat, None)``, or ``(NaN, reason)`` when there is no tail to fit.
     """
-    log_weights = np.asarray(log_weights, np.float64).reshape(-1)
-    rows = np.asarray(sequences).reshape(log_weights.size, -1)
-    if groups is not None:
-        rows = np.concatenate([np.asarray(groups).reshape(-1, 1), rows], axis=1)
-    _, first = np.unique(rows, axis=0, return_index=True)
-    distinct = log_weights[np.sort(first)]
+    distinct, _ = _distinct(log_weights, sequences, groups)
     distinct = distinct[np.isfinite(distinct)]
     if distinct.size < MIN_TAIL_WEIGHTS:
         return float("nan"), (
@@ -102,6 +102,33 @@ def sequence_khat(log_weights, sequences, groups=None) -> tuple[float, str | Non
             "(the proposal is proportional to the target on them)"
         )
     return khat, None
+
+
+def tail_share(log_weights, sequences, groups=None) -> float:
+    """The share of ``Σ w`` carried by the draws of the distinct sequences in the Pareto tail
+    that ``sequence_khat`` fits (the largest ``min(D/5, 3√D)`` of ``D`` distinct weights, each
+    with its multiplicity). A k-hat above its threshold with a small share (below
+    ``TAIL_SHARE``) describes bounded weights whose top values spread out, not a tail that
+    carries the estimate: ``weight_warnings`` does not warn then (docs/partition.md)."""
+    distinct, counts = _distinct(log_weights, sequences, groups)
+    finite = np.isfinite(distinct)
+    distinct, counts = distinct[finite], counts[finite]
+    if distinct.size == 0:
+        return 0.0
+    size = max(int(min(distinct.size / 5, 3 * np.sqrt(distinct.size))), 1)
+    mass = counts * np.exp(distinct - distinct.max())
+    return float(mass[np.argsort(-distinct)[:size]].sum() / mass.sum())
+
+
+def _distinct(log_weights, sequences, groups):
+    """``(log w [D], multiplicity [D])`` of the distinct (group, sequence) rows, in draw order."""
+    log_weights = np.asarray(log_weights, np.float64).reshape(-1)
+    rows = np.asarray(sequences).reshape(log_weights.size, -1)
+    if groups is not None:
+        rows = np.concatenate([np.asarray(groups).reshape(-1, 1), rows], axis=1)
+    _, first, counts = np.unique(rows, axis=0, return_index=True, return_counts=True)
+    order = np.argsort(first)
+    return log_weights[first[order]], counts[order]
 
 
 def khat_threshold(num_samples: int) -> float:
@@ -120,13 +147,19 @@ def kish_ess(log_weights) -> float:
 
 
 def weight_warnings(
-    khat: float, ess: float, num_samples: int, min_ess_fraction: float, what: str
+    khat: float,
+    ess: float,
+    num_samples: int,
+    min_ess_fraction: float,
+    what: str,
+    share: float = 1.0,
 ) -> list[str]:
     """The diagnostic messages for ``S = num_samples`` weights; each is also issued as an
-    ``EstimateWarning``. Empty when the diagnostics raise no concern."""
+    ``EstimateWarning``. Empty when the diagnostics raise no concern. ``share``: the Pareto
+    tail's share of the estimate (``tail_share``); k-hat warns only from ``TAIL_SHARE``."""
     messages = []
     if np.isfinite(khat):
-        if khat > khat_threshold(num_samples):
+        if khat > khat_threshold(num_samples) and share >= TAIL_SHARE:
             messages.append(
                 f"{what}: Pareto k-hat {khat:.2f} exceeds {khat_threshold(num_samples):.2f}, the "
                 f"threshold for {num_samples} samples: the weights are heavy-tailed and the "
@@ -146,6 +179,19 @@ def weight_warnings(
     for message in messages:
         warnings.warn(message, EstimateWarning, stacklevel=3)
     return messages
+
+
+def tail_note(khat: float, share: float, num_samples: int) -> str | None:
+    """Why a k-hat above its threshold did not warn (its tail carries less than
+    ``TAIL_SHARE`` of the estimate), else None."""
+    if not (np.isfinite(khat) and khat > khat_threshold(num_samples) and share < TAIL_SHARE):
+        return None
+    return (
+        f"k-hat {khat:.2f} is above its threshold {khat_threshold(num_samples):.2f}, but its "
+        f"Pareto tail carries {100 * share:.1f}% of the estimate (under {100 * TAIL_SHARE:g}%): "
+        "bounded weights whose largest values spread out, not a tail the estimate rests on; "
+        "no warning (docs/partition.md)"
+    )
 
 
 def weights_datatree(tokens, log_weights, attrs: dict):

@@ -93,7 +93,9 @@ class PartitionEstimate:
         log_weights, samples: kept weights ``[K]`` and sequences ``[K, T]`` (the first
             ``max_kept`` draws for IS, the final particles for SMC); None for ``"exact"``.
         messages: the diagnostic warnings raised while estimating.
-        khat_note: why ``khat`` is NaN (None when it is a number, or for ``"exact"``).
+        khat_note: why ``khat`` is NaN, or why a k-hat above its threshold did not warn (its
+            Pareto tail carries under 5% of the estimate, ``diagnostics.tail_share``); else
+            None.
         extras: method-specific figures (e.g. SMC's resampling count and ESS trace).
     """
 
@@ -119,7 +121,7 @@ class PartitionEstimate:
         if self.method == "exact":
             return f"log Z = {self.log_z:.6g} (exact)"
         low, high = self.interval
-        khat = "n/a (see note)" if self.khat_note else f"{self.khat:.3g}"
+        khat = "n/a (see note)" if np.isnan(self.khat) else f"{self.khat:.3g}"
         text = (
             f"log Z ≈ {self.log_z:.6g} ± {self.stderr:.3g} ({self.method}, {self.num_samples} "
             f"samples; {100 * self.level:g}% interval [{low:.6g}, {high:.6g}]; ESS "

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqppl.checks import check_counts, check_mesh, check_model, check_number, refuse_invalid
-from seqppl.diagnostics import sequence_khat, weight_warnings
+from seqppl.diagnostics import sequence_khat, tail_note, tail_share, weight_warnings
 from seqppl.distributions import ARM
 from seqppl.estimate import (
     DefensiveMixture,
@@ -84,21 +84,25 @@ def importance_sampling(
         )
         stats = jax.device_get(stats)
         if stats["first_bad"] >= 0:  # the bad reward again, eagerly, for the message
-            row = tokens[int(stats["first_bad"])][None]
+            row = jnp.asarray(to_host(tokens)[int(stats["first_bad"])][None])  # on this process
             refuse_invalid(ebm.unnormalized_log_prob(row), "the EBM's reward", rows=row)
         sums.add(stats)
         room = max_kept - sum(len(w) for w in kept_log_w)
-        if room > 0:
+        if room > 0:  # kept on the devices, gathered after the last chunk
             keep = min(room, valid)
-            kept_tokens.append(to_host(tokens[:keep]))
-            kept_log_w.append(to_host(log_w[:keep]).astype(np.float64))
-    log_weights = np.concatenate(kept_log_w)
-    samples = np.concatenate(kept_tokens)
+            kept_tokens.append(tokens[:keep])
+            kept_log_w.append(log_w[:keep])
+    log_weights = np.concatenate([to_host(w) for w in kept_log_w]).astype(np.float64)
+    samples = np.concatenate([to_host(t) for t in kept_tokens])
     log_z, stderr, ess = sums.log_z_stderr_ess(num_samples)
     elbo, elbo_stderr = sums.elbo()
     upper, upper_stderr = eubo(ebm, q, target_samples, num_samples, target_key)
     khat, khat_note = sequence_khat(log_weights, samples)
-    messages = weight_warnings(khat, ess, num_samples, min_ess_fraction, "importance sampling")
+    share = tail_share(log_weights, samples)
+    messages = weight_warnings(
+        khat, ess, num_samples, min_ess_fraction, "importance sampling", share
+    )
+    khat_note = khat_note or tail_note(khat, share, num_samples)
     return PartitionEstimate(
         log_z=log_z,
         stderr=stderr,
@@ -116,7 +120,7 @@ def importance_sampling(
         samples=samples,
         messages=tuple(messages),
         khat_note=khat_note,
-        extras={"chunk_size": chunk, "defensive": defensive},
+        extras={"chunk_size": chunk, "defensive": defensive, "tail_share": share},
     )
 
 

@@ -41,7 +41,13 @@ from seqppl.checks import (
     check_number,
     refuse_invalid,
 )
-from seqppl.diagnostics import kish_ess, sequence_khat, weight_warnings
+from seqppl.diagnostics import (
+    kish_ess,
+    sequence_khat,
+    tail_note,
+    tail_share,
+    weight_warnings,
+)
 from seqppl.distributions import EBM, ExactRoute
 from seqppl.distributions.ancestral import draw_step
 from seqppl.estimate import (
@@ -107,7 +113,11 @@ def sequential_monte_carlo(
     tokens = np.asarray(out["tokens"]).reshape(total, -1)
     replicate = np.repeat(np.arange(num_replicates), particles)
     khat, khat_note = sequence_khat(log_w.reshape(-1), tokens, replicate)
-    messages = weight_warnings(khat, ess, total, min_ess_fraction, "SMC pooled final weights")
+    share = tail_share(log_w.reshape(-1), tokens, replicate)
+    messages = weight_warnings(
+        khat, ess, total, min_ess_fraction, "SMC pooled final weights", share
+    )
+    khat_note = khat_note or tail_note(khat, share, total)
     lower, lower_stderr = mean_and_stderr(log_z_r)
     upper, upper_stderr = eubo(
         ebm, DefensiveMixture(proposal), target_samples, num_samples, target_key
@@ -131,6 +141,7 @@ def sequential_monte_carlo(
         khat_note=khat_note,
         extras={
             "replicate_log_z": log_z_r,
+            "tail_share": share,
             "resampling_steps": np.asarray(out["resampled"]).sum(-1),
             "ess_trace": np.asarray(out["ess"]).mean(0),
             "particles": particles,
