@@ -9,49 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from seqppl.cli_options import (
+    add_option,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
+
 __all__ = ["main", "build_parser"]
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _nonnegative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    value = _positive_float(text)
-    if not value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
-
-
-def _option(parser, *flags, help: str, **kwargs) -> None:
-    """``parser.add_argument`` with ``(default: ...)`` appended to ``help`` (flags aside)."""
-    default = kwargs.get("default")
-    if default is not None and kwargs.get("action") != "store_true":
-        help = f"{help} (default: {default})"
-    parser.add_argument(*flags, help=help, **kwargs)
 
 
 _DESCRIPTION = (
@@ -70,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command",
         required=True,
         metavar="COMMAND",
-        help="one of demo, logz, reproduce, info; seqppl COMMAND --help lists its options",
+        help="one of demo, logz, reproduce, distortion, info; COMMAND --help lists its options",
     )
     demo = sub.add_parser(
         "demo",
@@ -81,15 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the distillation error (both KLs, the 2T·ε bound, the per-position split). Writes "
         "OUT/report.md, PNG figures and netCDF DataTrees.",
     )
-    _option(demo, "--quick", action="store_true", help="a smaller space and fewer steps")
-    _option(
+    add_option(demo, "--quick", action="store_true", help="a smaller space and fewer steps")
+    add_option(
         demo,
         "--seed",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         default=0,
         help="seeds the bigram, the student and every draw (jax.random.key(SEED))",
     )
-    _option(demo, "--out", default="demo", help="output folder for the report and figures")
+    add_option(demo, "--out", default="demo", help="output folder for the report and figures")
     logz = sub.add_parser(
         "logz",
         help="estimate log Z of a model file or a named model",
@@ -99,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         + ". Without a proposal the uniform policy over the space is used. The estimate is "
         "sp.log_partition(target, METHOD, proposal, NUM_SAMPLES, jax.random.key(SEED)).",
     )
-    _option(logz, "model", metavar="MODEL", help="FILE.py defining target(), or a named model")
-    _option(
+    add_option(logz, "model", metavar="MODEL", help="FILE.py defining target(), or a named model")
+    add_option(
         logz,
         "--method",
         choices=("auto", "exact", "is", "smc"),
@@ -108,22 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact (DP or enumeration), is (importance sampling), smc (sequential Monte "
         "Carlo) or auto: exact when tractable, else is",
     )
-    _option(
+    add_option(
         logz,
         "--num-samples",
-        type=_positive_int,
+        type=positive_int,
         default=100_000,
         help="draws for is (at least 2); for smc the particles over all "
         f"{_SMC_REPLICATES} replicates (at least {2 * _SMC_REPLICATES}), as num_samples in "
         "sp.log_partition; unused by exact",
     )
-    _option(
+    add_option(
         logz,
         "--seed",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         default=0,
         help="the key of every draw is jax.random.key(SEED), the same stream as "
         "jax.random.PRNGKey(SEED)",
+    )
+    add_option(
+        logz,
+        "--processes",
+        type=positive_int,
+        default=1,
+        help="local processes of one jax.distributed job, one CPU device each, the draws split "
+        "over them (docs/partition.md#several-processes); process 0 prints",
     )
     from seqppl.models.paper import ADAM_B2, CONFIGS, TARGETS
 
@@ -136,56 +110,56 @@ def build_parser() -> argparse.ArgumentParser:
         "and OUT/summary.md; both trainings are checkpointed in OUT/checkpoints, so the same "
         "command again resumes an interrupted run.",
     )
-    _option(
+    add_option(
         reproduce,
         "--config",
         choices=sorted(CONFIGS),
         default="v8t4-n2",
         help="the space and Transformer size: vVtT-nN is vocabulary V, length T, N layers",
     )
-    _option(
+    add_option(
         reproduce,
         "--target",
         choices=TARGETS,
         default="zipf",
         help="the target distribution over sequences: Zipf ranks or a softmax of normals",
     )
-    _option(
+    add_option(
         reproduce,
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=5000,
         help="training steps of each model",
     )
-    _option(
+    add_option(
         reproduce,
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=1e-2,
         help="peak learning rate of both models",
     )
-    _option(
+    add_option(
         reproduce,
         "--adam-b2",
-        type=_unit_interval,
+        type=unit_interval,
         default=ADAM_B2,
         help="Adam's second-moment decay β₂ for both models (the paper does not state it)",
     )
-    _option(
+    add_option(
         reproduce,
         "--seed",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         default=0,
         help="seeds the target, both models' initialisation and every draw",
     )
-    _option(
+    add_option(
         reproduce,
         "--log-every",
-        type=_positive_int,
+        type=positive_int,
         default=50,
         help="steps between the logged comparisons (rows of metrics.csv)",
     )
-    _option(
+    add_option(
         reproduce,
         "--zipf-order",
         choices=("random", "lexicographic"),
@@ -193,12 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranks of the Zipf target: a seeded permutation (as in the paper) or enumeration "
         "order",
     )
-    _option(
+    add_option(
         reproduce,
         "--out",
         default="reproduction",
         help="output folder for the metrics, plots, summary and checkpoints",
     )
+    from seqppl.models.distortion_cli import add_command  # the distortion subcommand
+
+    add_command(sub, add_option, nonnegative_int)
     sub.add_parser(
         "info",
         help="versions of seqppl and its dependencies, JAX backend and devices, float precision",
@@ -219,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         return _reproduce(parser, args)
     if args.command == "logz":
         return _logz(parser, args)
+    if "run" in args:  # a subcommand that brings its own handler (distortion)
+        return args.run(parser, args)
     from seqppl.models.demo import run_demo
 
     result = run_demo(_writable(parser, args.out), quick=args.quick, seed=args.seed)
@@ -341,7 +320,15 @@ def _logz(parser, args) -> int:
     import jax.numpy as jnp
 
     import seqppl as sp
+    from seqppl.sharding import global_mesh
 
+    if args.processes > 1:  # N local processes of python -m seqppl.distributed logz ...
+        from seqppl.processes import run_job
+
+        argv = ["logz", args.model, "--method", args.method, "--seed", str(args.seed)]
+        argv += ["--num-samples", str(args.num_samples)]
+        return run_job(["-m", "seqppl.distributed", *argv], args.processes, "seqppl logz")
+    mesh = global_mesh() if jax.distributed.is_initialized() else None  # one process of a job
     target, proposal = _load_model(parser, args.model)
     exact = float(target.log_partition()) if target.exact_route.is_exact else None
     method = args.method if args.method != "auto" else ("exact" if exact is not None else "is")
@@ -364,7 +351,7 @@ def _logz(parser, args) -> int:
         parser.error(
             f"--num-samples {args.num_samples}: --method {method} needs at least {least}{why}"
         )
-    options = {} if method == "is" else {"num_replicates": _SMC_REPLICATES}
+    options = {"mesh": mesh, **({} if method == "is" else {"num_replicates": _SMC_REPLICATES})}
     try:
         est = sp.log_partition(
             target, method, proposal, args.num_samples, jax.random.key(args.seed), **options

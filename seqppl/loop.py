@@ -23,7 +23,7 @@ import optax
 
 from seqppl.checks import check_counts, check_mesh, check_number
 from seqppl.progress import progress_bar
-from seqppl.sharding import replicate
+from seqppl.sharding import is_lead_process, replicate, spans_processes, to_host, to_local
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -212,7 +212,10 @@ def optimise(
         refresh: ``refresh(carry, params, aux) -> (carry, {name: float})`` at every logged step
             (host side): a new carry for the following steps and figures for the history.
         mesh: params, optimiser state and carry are replicated over its devices (the loss
-            shards its own batch).
+            shards its own batch). On a mesh over several processes only the process holding
+            its first device writes checkpoints (``checkpoint_dir`` must be shared by all, and
+            a resume in which they would start from different steps is refused), and the
+            returned parameters are copies on each process's own default device.
 
     Returns:
         ``(params, history, stopped)``: the last good parameters, the history (numpy arrays,
@@ -241,6 +244,15 @@ def optimise(
     if path is not None and path.exists():
         state = load_checkpoint(path, fingerprint)
     check_mesh(mesh)
+    if path is not None and spans_processes(mesh):
+        _check_same_step(state["step"], path)
+    lead = is_lead_process(mesh)  # the one process that writes the run's checkpoints
+
+    def checkpoint():  # every process takes the host copy (a gather if need be); lead writes
+        arrays = jax.tree.map(to_host, {k: state[k] for k in ("params", "opt_state", "carry")})
+        if lead:
+            save_checkpoint(path, {**state, **arrays}, fingerprint)
+
     for name in ("params", "opt_state", "carry"):
         state[name] = replicate(state[name], mesh)
     bar = progress_bar(progress=progress, desc=desc, total=steps, initial=state["step"])
@@ -282,18 +294,31 @@ def optimise(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             if path is not None and state["step"] % checkpoint_every == 0:
-                save_checkpoint(path, state, fingerprint)
+                checkpoint()
     except KeyboardInterrupt:
         if path is not None:
-            save_checkpoint(path, state, fingerprint)
+            checkpoint()
         raise
     finally:
         bar.close()
     if path is not None:
-        save_checkpoint(path, state, fingerprint)
+        checkpoint()
     history = {k: np.asarray(v) for k, v in state["history"].items()}
     history["step"] = history["step"].astype(int)
-    return state["params"], history, stopped
+    return to_local(state["params"]), history, stopped
+
+
+def _check_same_step(step: int, path: Path) -> None:
+    """Refuses a resume in which the processes of one run start from different steps (a
+    ``checkpoint_dir`` that not every process sees); every process calls it."""
+    from jax.experimental import multihost_utils
+
+    steps = to_host(multihost_utils.process_allgather(np.int32(step))).tolist()
+    if len(set(steps)) > 1:
+        raise CheckpointError(
+            f"the processes would resume from different steps {steps} (process order): "
+            f"{path.parent} must be a directory every process reads (a shared file system)"
+        )
 
 
 def _rewound(state, last_good):

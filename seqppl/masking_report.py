@@ -35,7 +35,7 @@ from seqppl.masking import accepting_states, component_states
 from seqppl.options import options_lattice
 from seqppl.report import DistillationReport
 
-__all__ = ["constraint_report", "ConstraintReport", "ending_figures"]
+__all__ = ["constraint_report", "ConstraintReport", "ending_figures", "occupancy_endings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,13 +174,19 @@ def ending_figures(model: ARM, dfa: Lattice, accepting=None) -> tuple[float, flo
     docstring's sums over its occupancy on its lattice paired with ``dfa``."""
     if model.lattice is None:
         raise ValueError("ending_figures needs a table ARM; constraint_report reads any ARM")
-    accept = accepting_states(dfa, accepting)
-    lat, space = model.lattice, model.space
+    lat = model.lattice
     states = component_states(lat, dfa)
     if states is None:
         lat = lat.product(dfa)
         states = np.tile(np.arange(dfa.num_states), model.lattice.num_states)
-    mu = np.asarray(_occupancy(model, lat), np.float64)
+    return occupancy_endings(_occupancy(model, lat), states, dfa, accepting)
+
+
+def occupancy_endings(mu, states, dfa: Lattice, accepting=None) -> tuple[float, float, float]:
+    """``ending_figures`` from an occupancy ``mu`` float ``[T, S, A]`` (``sp.occupancy`` of a
+    table ARM) on a lattice whose states are in DFA state ``states`` int ``[S]``."""
+    accept = accepting_states(dfa, accepting)
+    space, mu, states = dfa.space, np.asarray(mu, np.float64), np.asarray(states)
     if not space.eos:
         bad = ~accept[dfa.delta[states]]  # [S, A]: the last token leaves the DFA outside F
         p_invalid = float(mu[-1][bad].sum())

@@ -30,7 +30,7 @@ from seqppl.diagnostics import kish_ess, sequence_khat
 from seqppl.distributions import ARM, ExactRoute
 from seqppl.distributions.support import map_in_chunks
 from seqppl.logspace import categorical_kl, logsumexp, softmax
-from seqppl.sharding import shard_batch
+from seqppl.sharding import shard_batch, to_host
 from seqppl.space import ENUMERATION_CHUNK, MAX_ENUMERATE, SMALL_SPACE
 from seqppl.train import exact_risk
 
@@ -172,9 +172,9 @@ def _forward_kl(ebm, student, key, num_samples, proposal, mesh):
         }
         return surrogate - jax.lax.stop_gradient(surrogate) + value, aux
 
-    def summarise(aux):
-        log_w = np.asarray(aux["log_w"], np.float64)
-        return {"ess": kish_ess(log_w), "khat": sequence_khat(log_w, aux["tokens"])[0]}
+    def summarise(aux):  # on every process: the draws gathered from the mesh
+        log_w = to_host(aux["log_w"]).astype(np.float64)
+        return {"ess": kish_ess(log_w), "khat": sequence_khat(log_w, to_host(aux["tokens"]))[0]}
 
     def swap_when_better(carry, params, aux):
         better = float(aux["cross_entropy"]["student"]) < float(aux["cross_entropy"]["proposal"])

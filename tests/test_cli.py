@@ -120,7 +120,8 @@ def _options():
 
 def test_every_option_says_what_it_does_and_its_default():
     options = list(_options())
-    assert {name for name, _ in options} == {"seqppl", "demo", "logz", "reproduce"}  # info: -h
+    names = {"seqppl", "demo", "logz", "reproduce", "distortion"}
+    assert {name for name, _ in options} == names  # info: -h only
     for name, action in options:
         where = (name, action.option_strings or action.dest)
         assert action.help and len(action.help.split()) >= 3, where
@@ -164,6 +165,8 @@ def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, capsys):
         ["demo", "--seed", "-1"],
         ["demo", "--seed", "x"],
         ["demo", "--quick", "--out", str(blocked / "sub")],
+        ["distortion", "--seed", "-1"],
+        ["distortion", "--quick", "--out", str(blocked / "sub")],
         ["reproduce", "--steps", "-1"],
         ["reproduce", "--config", "v99"],
         ["logz", "no-such-model"],

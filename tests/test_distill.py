@@ -152,15 +152,21 @@ def test_monte_carlo_report_fields_and_export(tmp_path):
 
 
 def test_monte_carlo_report_on_a_space_too_large_to_enumerate():
-    """V=6, L=12 with EOS: 2.6e9 sequences; lattice target, so the chain rule applies."""
+    """V=6, L=12 with EOS: 2.6e9 sequences; lattice target, so the chain rule applies, and the
+    exact report runs as a dynamic program (table student); its KL is inside the Monte Carlo
+    report's interval region (5 standard errors)."""
     space = sp.SequenceSpace(6, 12, eos=True)
     ebm, arm = _target_and_student(11, space)
-    with pytest.raises(ValueError, match="method='mc'"):
-        sp.distillation_error(ebm, arm)
+    exact = sp.distillation_error(ebm, arm)
+    assert exact.tv is None and "dynamic programming" in exact.notes[0]
     report = sp.distillation_error(ebm, arm, "mc", key=jax.random.key(1), num_samples=512)
     assert np.isfinite(report.kl_reverse) and report.kl_reverse > 0
+    assert abs(report.kl_reverse - exact.kl_reverse) <= 5 * report.kl_reverse_stderr + 1e-6
     assert report.per_position_kl.shape == (space.horizon,)
     assert report.kl_reverse <= report.bound
+    callable_student = sp.ARM(lambda y: arm.logits(y), space)
+    with pytest.raises(ValueError, match="method='mc'"):
+        sp.distillation_error(ebm, callable_student)
 
 
 def test_report_refuses_bad_input():

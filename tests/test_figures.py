@@ -244,3 +244,50 @@ def test_student_forest_fits():
     arviz_plots.plot_forest(tree, var_names=["kl_reverse", "kl_forward"])
     (number,) = plt.get_fignums()
     assert not outside(plt.figure(number))
+
+
+def _distortion_rows():
+    """Rows shaped like run_distortion's: two constraints, three decoders, ∞ per-position KL
+    for myopic masking, options on the second."""
+    rows = []
+    for name, horizon in (("json", 12), ("options", 6)):
+        for decoder in ("myopic", "feasible", "exact"):
+            kl = np.zeros(horizon) if decoder == "exact" else np.linspace(0.1, 2.5, horizon)
+            if decoder == "myopic" and name == "json":
+                kl[8:] = np.inf
+            options = {}
+            if name == "options":
+                options = {"skill": 0.32, "sky": 0.37, "skip": 0.05, "cloud": 0.26}
+                if decoder == "exact":
+                    options = {"skill": 0.002, "sky": 0.978, "skip": 0.0002, "cloud": 0.02}
+            rows.append({
+                "constraint": name,
+                "decoder": decoder,
+                "length_limit": horizon - 1,
+                "per_position_kl": list(kl),
+                "p_length_limit": 1.0 if (decoder, name) == ("myopic", "json") else 0.0,
+                "option_probabilities": options,
+            })  # fmt: skip
+    return rows
+
+
+def test_distortion_figures_fit_and_mark_infinite_kl():
+    from seqppl.models.distortion_figures import distortion_figures
+
+    figures = distortion_figures(_distortion_rows())
+    assert set(figures) == {
+        "distortion_per_position.png",
+        "distortion_runaway.png",
+        "distortion_options.png",
+    }
+    for name, fig in figures.items():
+        assert not outside(fig), name
+        for ax in fig.axes:
+            assert ax.get_xlabel() and ax.get_ylabel(), name
+    per_position = figures["distortion_per_position.png"]
+    assert [ax.get_title() for ax in per_position.axes] == ["json (L = 11)", "options (L = 5)"]
+    assert "∞" in texts(per_position)  # the legend says what the triangles are
+    for name in ("distortion_runaway.png", "distortion_options.png"):
+        labels = {t.get_text() for t in figures[name].axes[0].get_legend().get_texts()}
+        assert labels == {"myopic", "feasible", "exact"}, name
+    assert "first token" in texts(figures["distortion_options.png"])

@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "seqppl"
 TREES = ["seqppl", "models", "tests", "examples", "benchmarks"]
 MAX_LINES = 400
+PUBLIC_UNDERSCORED = {"os._exit"}
+"""Documented public functions whose names start with an underscore (exit without clean-up)."""
 
 
 def _module_name(path: Path) -> str:
@@ -123,6 +125,7 @@ def test_no_private_name_is_used_across_modules():
                 and not node.attr.startswith("__")
                 and isinstance(node.value, ast.Name)
                 and node.value.id in modules
+                and f"{node.value.id}.{node.attr}" not in PUBLIC_UNDERSCORED
             ):
                 offences.append(
                     f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}"
@@ -149,7 +152,7 @@ def test_layers_import_downwards_only():
     """DESIGN's layers: each module imports only from its own layer and those below."""
     layer = {
         **dict.fromkeys(["space", "logspace", "checks", "sharding", "diagnostics", "progress"], 1),
-        "constraints": 1,
+        **dict.fromkeys(["constraints", "processes"], 1),
         **dict.fromkeys(["tables", "lattice", "products", "options"], 2),
         **dict.fromkeys(["backward", "bellman"], 3),
         "distributions": 4,
@@ -158,7 +161,7 @@ def test_layers_import_downwards_only():
         **dict.fromkeys(["objectives", "distill", "report", "distillation_report"], 6),
         "masking_report": 6,
         **dict.fromkeys(["posterior_comparison", "student_posterior"], 6),
-        **dict.fromkeys(["cli", "__main__", "environment"], 7),
+        **dict.fromkeys(["cli", "cli_options", "__main__", "environment", "distributed"], 7),
     }
 
     def layer_of(module: str) -> int:

@@ -19,6 +19,7 @@ from seqppl.distributions.logits import TableLogits, function_logits
 from seqppl.distributions.nnx import NNXFunction, module_params
 from seqppl.distributions.parts import ReferenceLogProb
 from seqppl.distributions.support import (
+    SequenceDistribution,
     SequenceSupport,
     batch_shape_of,
     checked_prompt,
@@ -32,7 +33,7 @@ from seqppl.tables import check_reachable, check_table
 __all__ = ["ARM"]
 
 
-class ARM(Distribution):
+class ARM(SequenceDistribution):
     """Autoregressive sequence distribution; ``event_shape = (T,)``, batch shape from the prompt.
 
     Args:

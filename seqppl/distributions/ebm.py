@@ -15,7 +15,6 @@ from functools import cached_property
 
 import jax
 import jax.numpy as jnp
-from numpyro.distributions import Distribution
 
 from seqppl.bellman import root_values, soft_bellman
 from seqppl.checks import check_key, check_same_space, check_tokens, refuse_invalid
@@ -31,6 +30,7 @@ from seqppl.distributions.parts import (
 )
 from seqppl.distributions.routes import AttachedLogZ, ExactRoute, NoExactRoute
 from seqppl.distributions.support import (
+    SequenceDistribution,
     SequenceSupport,
     batch_shape_of,
     checked_prompt,
@@ -52,7 +52,7 @@ OVERFLOW_HINT = (
 )
 
 
-class EBM(Distribution):
+class EBM(SequenceDistribution):
     """Energy-based sequence distribution; ``event_shape = (T,)``, batch shape from the prompt
     and the parts.
 

@@ -10,19 +10,38 @@ import math
 
 import jax
 import jax.numpy as jnp
-from numpyro.distributions import constraints
+from numpyro.distributions import Distribution, constraints
 
 from seqppl.sharding import shard_batch
 from seqppl.space import SequenceSpace
 from seqppl.tables import table_batch_shape
 
 __all__ = [
+    "SequenceDistribution",
     "SequenceSupport",
     "batch_shape_of",
     "checked_prompt",
     "enumerate_sequences",
     "map_over_batch",
 ]
+
+
+class SequenceDistribution(Distribution):
+    """NumPyro's ``Distribution`` with its pytree fields in sorted order, the base of ``ARM`` and
+    ``EBM``. NumPyro gathers the fields into a set, whose order follows string hashing
+    (``PYTHONHASHSEED``): without this, one model's leaves would come in another order in each
+    process of a jax.distributed job and in a restarted run (checkpoint fingerprints, which
+    digest the leaves by position, and compilation-cache keys would differ)."""
+
+    @classmethod
+    def gather_pytree_data_fields(cls) -> tuple[str, ...]:
+        """NumPyro's data (leaf) fields, sorted."""
+        return tuple(sorted(super().gather_pytree_data_fields()))
+
+    @classmethod
+    def gather_pytree_aux_fields(cls) -> tuple[str, ...]:
+        """NumPyro's auxiliary (static) fields, sorted."""
+        return tuple(sorted(super().gather_pytree_aux_fields()))
 
 
 class SequenceSupport(constraints.Constraint):
