@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from seqppl import distributed, processes
+from seqppl.cli import build_parser
 from seqppl.loop import load_checkpoint
 from tests import distributed_worker as worker
 
@@ -260,3 +261,9 @@ def test_run_job_returns_the_first_failure_and_names_it(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "job: process 0 exited with status 3; process 1 exited with status 4" in error
     assert f"(output: {tmp_path})" in error
+
+
+def test_logz_refuses_zero_processes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["logz", "digit-sum", "--processes", "0"])
+    assert exit_info.value.code == 2 and "--processes" in capsys.readouterr().err
