@@ -27,8 +27,7 @@ from seqppl.models.tv_bounds import accepted_sequences, accepted_tv, tv_bounds
 
 import seqppl as sp
 from seqppl.constraints import co_reachable
-from seqppl.distillation_report import half_range_gap
-from seqppl.logspace import categorical_kl
+from seqppl.distillation_report import occupancy_terms
 from seqppl.masking_report import ConstraintReport, occupancy_endings
 
 __all__ = ["Distortion", "distortion_reports", "reachable_product", "DECODERS"]
@@ -119,24 +118,9 @@ def distortion_reports(
             low = max(low, 0.5 * float(np.abs(endings - target_endings).sum()))
             tv = low if high - low < 1e-9 else None
         p_invalid, p_limit, length = occupancy_endings(mu, np.arange(lat.num_states), lat)
-        kl_reverse, kl_forward = float(per_reverse.sum()), float(per_forward.sum())
-        distillation = sp.DistillationReport(
-            kl_reverse=kl_reverse,
-            kl_forward=kl_forward,
-            kl_reverse_interval=(kl_reverse, kl_reverse),
-            kl_forward_interval=(kl_forward, kl_forward),
-            kl_reverse_stderr=0.0,
-            kl_forward_stderr=0.0,
-            tv=tv,
-            per_position_kl=per_reverse,
-            per_position_kl_stderr=np.zeros_like(per_reverse),
-            logit_error=float(eps),
-            bound=2 * space.horizon * float(eps),
-            logit_error_scope="reachable states",
-            method="exact",
-            level=0.95,
-            horizon=space.horizon,
-            notes=() if tv is not None else (f"TV in [{low:.4g}, {high:.4g}] (bounds)",),
+        notes = () if tv is not None else (f"TV in [{low:.4g}, {high:.4g}] (bounds)",)
+        distillation = sp.DistillationReport.from_positions(
+            per_reverse, per_forward, float(eps), tv=tv, notes=notes
         )
         report = ConstraintReport(
             distillation,
@@ -152,19 +136,7 @@ def distortion_reports(
     return out
 
 
-@jax.jit
-def _position_terms(log_q, log_p, mu_q, mu_p):
-    """``(KL(q ‖ p*) [T], KL(p* ‖ q) [T], ε)``: the module docstring's sums per position, and
-    the largest half-range of the gaps ``log π_* − log π_q`` over the states either visits."""
-    m_q, m_p = mu_q.sum(-1), mu_p.sum(-1)  # [T, S]
-
-    def weighted(m, kl):
-        return jnp.where(m > 0, m * kl, 0).sum(-1)  # 0 · ∞ = 0 off the path
-
-    reverse = weighted(m_q, categorical_kl(log_q, log_p))
-    forward = weighted(m_p, categorical_kl(log_p, log_q))
-    eps = jnp.where((m_q > 0) | (m_p > 0), half_range_gap(log_p, log_q), 0).max()
-    return reverse, forward, eps
+_position_terms = jax.jit(occupancy_terms)
 
 
 def _endings(mu, states, num_dfa_states: int, eos_id: int) -> np.ndarray:

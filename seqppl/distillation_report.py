@@ -44,7 +44,13 @@ from seqppl.partition import log_partition
 from seqppl.report import DistillationReport
 from seqppl.space import ENUMERATION_CHUNK, MAX_ENUMERATE
 
-__all__ = ["distillation_error", "path_terms", "half_range_gap", "REPORT_METHODS"]
+__all__ = [
+    "distillation_error",
+    "path_terms",
+    "half_range_gap",
+    "occupancy_terms",
+    "REPORT_METHODS",
+]
 
 REPORT_METHODS = ("exact", "mc")
 """``distillation_error``'s modes; ``"mc"`` (Monte Carlo) is canonical, ``"is"`` is accepted."""
@@ -155,36 +161,21 @@ def _exact(ebm, arm, teacher, reason, level) -> DistillationReport:
 
 def _exact_on_lattices(arm: ARM, teacher: ARM, level) -> DistillationReport:
     """The exact report of two table ARMs by dynamic programming, for spaces too large to
-    enumerate: ``KL(p_q ‖ p_R) = Σ_{t,s,a} μ_q[t,s,a] (log π_q − log π_R)[t,s,a]`` with ``μ_q``
-    the student's occupancy on the lattice both live on (their product unless they are the
+    enumerate: ``KL(p_q ‖ p_R) = Σ_{t,s} μ_q[t,s] KL(π_q(·|s) ‖ π_R(·|s))`` with ``μ_q`` the
+    student's state occupancy on the lattice both live on (their product unless they are the
     same automaton), per decision t the per-position KL; the forward KL with ``μ_R``; ε over
     the states either visits. TV has no such decomposition: None."""
-    kls, eps = (np.asarray(x, np.float64) for x in _lattice_terms(arm, teacher))
-    per_position, forward = kls
-    return DistillationReport(
-        kl_reverse=float(per_position.sum()),
-        kl_forward=float(forward.sum()),
-        kl_reverse_interval=(float(per_position.sum()),) * 2,
-        kl_forward_interval=(float(forward.sum()),) * 2,
-        kl_reverse_stderr=0.0,
-        kl_forward_stderr=0.0,
-        tv=None,
-        per_position_kl=per_position,
-        per_position_kl_stderr=np.zeros_like(per_position),
-        logit_error=float(eps),
-        bound=2 * arm.space.horizon * float(eps),
-        logit_error_scope="reachable states",
-        method="exact",
-        level=level,
-        horizon=arm.space.horizon,
-        notes=("both KLs by dynamic programming on the lattices (no TV: the space is too large "
-               "to enumerate)",),
-    )  # fmt: skip
+    reverse, forward, eps = (np.asarray(x, np.float64) for x in _lattice_terms(arm, teacher))
+    note = "both KLs by dynamic programming on the lattices (no TV: the space is too large to "
+    note += "enumerate)"
+    return DistillationReport.from_positions(
+        reverse, forward, float(eps), level=level, notes=(note,)
+    )
 
 
 @jax.jit
 def _lattice_terms(student: ARM, teacher: ARM):
-    """``([per-position KL(q ‖ R), per-position KL(R ‖ q)] [2, T], ε)`` of two table ARMs."""
+    """``occupancy_terms`` of two table ARMs on their common lattice."""
     lat, other = student.lattice, teacher.lattice
     log_s, log_t = student.log_policy_table(), teacher.log_policy_table()
     same = lat is other or (
@@ -195,14 +186,24 @@ def _lattice_terms(student: ARM, teacher: ARM):
         lat = lat.product(other)
         log_s, log_t = lat.lift(log_s, 0), lat.lift(log_t, 1)
     mu_s, mu_t = (occupancy(lat, log, student.prompt, trusted=True) for log in (log_s, log_t))
+    return occupancy_terms(log_s, log_t, mu_s, mu_t)
 
-    def weighted(mu, log_a, log_b):  # Σ_{s,a} μ (log_a − log_b), 0 where μ = 0, ∞ if log_b = −∞
-        gap = jnp.where(log_b == -jnp.inf, jnp.inf, log_a - jnp.where(mu > 0, log_b, 0))
-        return jnp.sum(jnp.where(mu > 0, mu * gap, 0), axis=(1, 2))
 
-    visited = (mu_s.sum(-1) > 0) | (mu_t.sum(-1) > 0)
-    eps = jnp.max(jnp.where(visited, half_range_gap(log_t, log_s), 0))
-    return jnp.stack([weighted(mu_s, log_s, log_t), weighted(mu_t, log_t, log_s)]), eps
+def occupancy_terms(log_q, log_p, mu_q, mu_p):
+    """``(KL(q ‖ p) [T], KL(p ‖ q) [T], ε)`` of two policies ``log_q``, ``log_p`` ``[T, S, A]``
+    on one lattice with occupancies ``mu_q``, ``mu_p`` ``[T, S, A]``: per position
+    ``Σ_s μ_q[t, s] KL(π_q(·|s) ‖ π_p(·|s))`` (0 · ∞ = 0 off the visited states) and its forward
+    twin, and the largest half-range of the gaps ``log π_p − log π_q`` over the states either
+    visits."""
+    m_q, m_p = mu_q.sum(-1), mu_p.sum(-1)  # [T, S]
+
+    def weighted(m, kl):
+        return jnp.where(m > 0, m * kl, 0).sum(-1)
+
+    reverse = weighted(m_q, categorical_kl(log_q, log_p))
+    forward = weighted(m_p, categorical_kl(log_p, log_q))
+    eps = jnp.where((m_q > 0) | (m_p > 0), half_range_gap(log_p, log_q), 0).max()
+    return reverse, forward, eps
 
 
 @jax.jit

@@ -62,6 +62,34 @@ class DistillationReport:
     notes: tuple[str, ...] = ()
     extras: dict = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def from_positions(
+        cls, per_reverse, per_forward, logit_error: float, *, tv=None, level=0.95, notes=()
+    ) -> DistillationReport:
+        """An exact report from per-position KLs ``[T]`` (both directions, e.g. by dynamic
+        programming) and the logit error ε: the KLs are their sums, every standard error 0,
+        every interval a point, the bound ``2T·ε``."""
+        per_reverse = np.asarray(per_reverse, np.float64)
+        kl_reverse, kl_forward = float(per_reverse.sum()), float(np.sum(per_forward))
+        return cls(
+            kl_reverse=kl_reverse,
+            kl_forward=kl_forward,
+            kl_reverse_interval=(kl_reverse, kl_reverse),
+            kl_forward_interval=(kl_forward, kl_forward),
+            kl_reverse_stderr=0.0,
+            kl_forward_stderr=0.0,
+            tv=tv,
+            per_position_kl=per_reverse,
+            per_position_kl_stderr=np.zeros_like(per_reverse),
+            logit_error=logit_error,
+            bound=2 * per_reverse.size * logit_error,
+            logit_error_scope="reachable states",
+            method="exact",
+            level=level,
+            horizon=per_reverse.size,
+            notes=tuple(notes),
+        )
+
     def __str__(self) -> str:
         def interval(low, high):
             return f"[{low:.4g}, {high:.4g}]"
