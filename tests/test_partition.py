@@ -461,16 +461,22 @@ def test_progress_bars_stay_quiet_off_a_terminal(capfd):
     assert "importance sampling" not in capfd.readouterr().err
 
 
-def test_lattice_twist_for_a_callable_proposal():
-    """A twist EBM equal to the target makes SMC with a callable copy of the exact ARM exact
-    (zero variance); a twist EBM without a DP is refused (the approximate twist: slow test)."""
+def _bigram_under_a_regex():
+    """``(base bigram ARM, regex DFA, base.constrain(dfa), its exact log Z, rng)``."""
     space = sp.SequenceSpace(4, 6, eos=True)
     lat = sp.Lattice.markov(space, 1)
     rng = np.random.default_rng(0)
     base = sp.ARM.from_table(lat, jnp.asarray(rng.standard_normal((lat.num_states, 5))))
     dfa = sp.Lattice.regex(space, "(?:0|1)*2(?:3|0)*", ["0", "1", "2", "3"])
     target = base.constrain(dfa)
-    exact = float(target.log_partition())
+    return base, dfa, target, float(target.log_partition()), rng
+
+
+def test_lattice_twist_for_a_callable_proposal():
+    """A twist EBM equal to the target makes SMC with a callable copy of the exact ARM exact
+    (zero variance); a twist EBM without a DP is refused (the approximate twist: slow test)."""
+    _, _, target, exact, _ = _bigram_under_a_regex()
+    space = target.space
     exact_arm = sp.to_arm(target)
     as_callable = sp.ARM(lambda y: exact_arm.logits(y), space)
     est = sp.log_partition(target, "smc", as_callable, 256, jax.random.key(0), twist=target)
@@ -484,13 +490,8 @@ def test_lattice_twist_for_a_callable_proposal():
 def test_approximate_lattice_twist_for_a_callable_base():
     """An approximate lattice twist (a noisy bigram × the regex DFA) for a callable base: the
     estimate is within 4 standard errors of the exact log Z."""
-    space = sp.SequenceSpace(4, 6, eos=True)
-    lat = sp.Lattice.markov(space, 1)
-    rng = np.random.default_rng(0)
-    base = sp.ARM.from_table(lat, jnp.asarray(rng.standard_normal((lat.num_states, 5))))
-    dfa = sp.Lattice.regex(space, "(?:0|1)*2(?:3|0)*", ["0", "1", "2", "3"])
-    target = base.constrain(dfa)
-    exact = float(target.log_partition())
+    base, dfa, target, exact, rng = _bigram_under_a_regex()
+    space, lat = base.space, base.lattice
     noise = 0.3 * rng.standard_normal((space.horizon, lat.num_states, 5))
     approx = sp.ARM.from_table(lat, base.log_policy_table() + noise).constrain(dfa)
     neural = sp.ARM(lambda y: base.logits(y), space)
