@@ -23,6 +23,7 @@ from seqppl.distributions import (
 )
 from seqppl.estimate import PartitionEstimate
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
+from seqppl.learned_twist import LearnedTwist, fit_twist
 from seqppl.logspace import log_softmax, logsumexp, softmax
 from seqppl.masking import masked_arm
 from seqppl.masking_report import ConstraintReport, constraint_report
@@ -62,6 +63,8 @@ __all__ = [
     "log_partition",
     "PartitionEstimate",
     "EstimateWarning",
+    "fit_twist",
+    "LearnedTwist",
     "distill",
     "distillation_error",
     "DistillationReport",

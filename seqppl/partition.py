@@ -45,6 +45,7 @@ def log_partition(
     resampling: str = "systematic",
     ess_threshold: float = 0.5,
     num_replicates: int = 16,
+    upper_bound: str = "eubo",
     mesh=None,
 ) -> PartitionEstimate:
     """Estimates ``log Z = log Σ_y exp R(y)`` of ``ebm`` (batch shape ``()``).
@@ -70,12 +71,15 @@ def log_partition(
         progress: IS progress bar over chunks (default: when there is more than one chunk).
         twist: SMC intermediate targets: None, ``"exact"`` (lattice EBM soft values), a
             lattice EBM approximating ``ebm`` (its exact twist: e.g. an n-gram fit to a
-            neural proposal, constrained like the target) or a
-            causal ``twist_fn(tokens [P, T]) -> [P, T]`` (entry t estimates
-            ``log Σ_{y' extends y[:t+1]} exp R(y')``).
+            neural proposal, constrained like the target), a ``LearnedTwist``
+            (``sp.fit_twist``) or a causal ``twist_fn(tokens [P, T]) -> [P, T]`` (entry t
+            estimates ``log Σ_{y' extends y[:t+1]} exp R(y')``).
         resampling, ess_threshold, num_replicates: SMC's scheme (``"multinomial"``,
             ``"stratified"``, ``"systematic"``), its trigger (resample when ESS <
             ``ess_threshold · P``) and the independent runs behind its standard error.
+        upper_bound: SMC's ``eubo``: ``"eubo"`` (the proposal's, ``E_p[R − log q]``) or
+            ``"csmc"`` (conditional SMC on exact target draws: ``E[log Ẑ_CSMC] ≥ log Z``,
+            tighter, one more SMC run; ``seqppl.smc``). Both need exact target draws.
         mesh: a ``jax.sharding.Mesh``: IS draws (per chunk) or SMC replicates split over its
             devices (``seqppl.sharding``); the estimate equals the one-device estimate up to
             the order of floating-point sums. Ignored by ``"exact"``.
@@ -119,6 +123,8 @@ def log_partition(
     if method == "is":
         if twist is not None:
             raise ValueError("twist applies to method='smc' only")
+        if upper_bound != "eubo":
+            raise ValueError("upper_bound='csmc' applies to method='smc' only")
         return importance_sampling(
             ebm,
             proposal,
@@ -151,5 +157,6 @@ def log_partition(
         target_samples=target_samples,
         target_key=target_key,
         min_ess_fraction=min_ess_fraction,
+        upper_bound=upper_bound,
         mesh=mesh,
     )

@@ -1,18 +1,11 @@
 """Sequential Monte Carlo over positions for ``log Z`` with an ARM proposal and optional twists.
 
 Intermediate targets on prefixes: ``γ_t(y_{≤t}) = exp Φ_t(y_{≤t})`` for ``t < T − 1`` and
-``γ_{T−1}(y) = exp R(y)``, where the twist ``Φ_t`` estimates ``log Σ_{y' ⊒ y_{≤t}} exp R(y')``:
-
-- ``twist=None``: ``Φ_t = log q(y_{≤t})`` (no lookahead: all weight arrives at the end);
-- ``twist="exact"``: a lattice EBM's accumulated local rewards plus the soft value of the
-  state reached, ``Φ_t = Σ_{k≤t} r_k + V[t+1, s_{t+1}]`` (docs/theory.md#sequential-monte-carlo):
-  exact prefix marginals;
-- ``twist=approx``, an EBM on lattices over the same space (e.g. an n-gram fit to a neural
-  proposal, times the constraint's DFA): the same ``Φ_t`` of ``approx`` — the exact twist of an
-  approximation of the target, for targets with no dynamic program (a neural base × a
-  constraint); carried along each particle's lattice state, one lookup per step;
-- a callable ``twist_fn(tokens [P, T]) -> [P, T]``, causal, entry t for ``y[:t+1]`` (a learned
-  value function ``V(prefix)`` in this total form).
+``γ_{T−1}(y) = exp R(y)``, where the twist ``Φ_t`` estimates ``log Σ_{y' ⊒ y_{≤t}} exp R(y')``;
+the twist kinds (``seqppl.twists``): None (``Φ_t = log q(y_{≤t})``, no lookahead), ``"exact"``
+(a lattice EBM's accumulated local rewards plus the soft value of the state reached: exact prefix
+marginals, docs/theory.md#sequential-monte-carlo), a lattice EBM approximating the target (its
+exact twist), a ``LearnedTwist`` (``sp.fit_twist``) or a callable ``twist_fn``.
 
 Particle i at step t gets the incremental weight ``Φ_t − Φ_{t−1} − log π(y_t | y_{<t})``;
 when the Kish ESS falls below ``ess_threshold · P`` the particles are resampled (multinomial,
@@ -32,12 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqppl.bellman import soft_values
 from seqppl.checks import (
     check_choice,
     check_counts,
     check_mesh,
-    check_model,
     check_number,
     refuse_invalid,
 )
@@ -48,8 +39,8 @@ from seqppl.diagnostics import (
     tail_share,
     weight_warnings,
 )
-from seqppl.distributions import EBM, ExactRoute
-from seqppl.distributions.ancestral import draw_step
+from seqppl.distributions import EBM
+from seqppl.distributions.ancestral import draw_step, step_log_prob
 from seqppl.estimate import (
     DefensiveMixture,
     PartitionEstimate,
@@ -57,14 +48,19 @@ from seqppl.estimate import (
     eubo,
     mean_and_stderr,
     normal_interval,
+    target_draws,
 )
+from seqppl.learned_twist import LearnedTwist
 from seqppl.logspace import logsumexp, softmax
 from seqppl.sharding import shard_batch, to_host
-from seqppl.tables import per_decision
+from seqppl.twists import build_twist, check_twist
 
-__all__ = ["sequential_monte_carlo", "resample", "RESAMPLING"]
+__all__ = ["sequential_monte_carlo", "resample", "RESAMPLING", "UPPER_BOUNDS"]
 
 RESAMPLING = ("multinomial", "stratified", "systematic")
+UPPER_BOUNDS = ("eubo", "csmc")
+"""SMC's upper bounds on ``log Z``, both from exact target draws: the proposal's EUBO
+``E_p[R − log q]``, or conditional SMC's ``E[log Ẑ_CSMC]`` (tighter, one more SMC run)."""
 
 
 def sequential_monte_carlo(
@@ -82,13 +78,23 @@ def sequential_monte_carlo(
     target_samples="auto",
     target_key=None,
     min_ess_fraction: float = 0.01,
+    upper_bound: str = "eubo",
     mesh=None,
 ) -> PartitionEstimate:
     """The SMC ``PartitionEstimate`` (see ``sp.log_partition``): ``num_replicates`` independent
     runs of ``num_samples // num_replicates`` particles, pooled as ``log mean_r Ẑ_r``; with a
-    ``mesh`` the replicates are split over its devices (no communication between them)."""
+    ``mesh`` the replicates are split over its devices (no communication between them).
+
+    ``upper_bound="csmc"``: ``eubo`` is conditional SMC's bound instead of the proposal's.
+    Replicate r runs again with particle 0 held to an exact target draw ``y*_r`` (its tokens
+    forced, its ancestor itself at every resampling, the others resampled multinomially);
+    since ``E[1/Ẑ_CSMC] = P(Ẑ_SMC > 0) / Z ≤ 1/Z`` (equality when no run can lose every
+    particle), Jensen gives ``E[log Ẑ_CSMC] ≥ log Z`` (``extras["csmc_log_z"]``: the R replicate
+    values). With the SMC bound ``elbo = mean_r log Ẑ_r ≤ log Z`` in expectation,
+    ``[elbo, eubo]`` sandwiches ``log Z``; both are None/absent without exact target draws."""
     check_mesh(mesh)
     resampling = check_choice("resampling", resampling, RESAMPLING)
+    upper_bound = check_choice("upper_bound", upper_bound, UPPER_BOUNDS)
     ess_threshold = check_number("ess_threshold", ess_threshold, 0, 1, "[]")
     check_counts(("num_replicates", num_replicates, 2))
     particles = num_samples // num_replicates
@@ -97,10 +103,10 @@ def sequential_monte_carlo(
             f"num_samples={num_samples} gives {particles} particles per replicate "
             f"(num_replicates={num_replicates}); need at least 2"
         )
-    spec, lattice_twist = _check_twist(ebm, twist)
+    spec, payload = check_twist(ebm, twist, proposal)
     check_proposal_covers(ebm, DefensiveMixture(proposal))
     keys = jax.random.split(jax.random.fold_in(key, 1), num_replicates)
-    out = _run(ebm, proposal, keys, ess_threshold, spec, particles, resampling, mesh, lattice_twist)
+    out = _run(ebm, proposal, keys, ess_threshold, spec, particles, resampling, mesh, payload)
     out = {name: to_host(value) for name, value in out.items()}
     log_w = np.asarray(out["log_w"], np.float64)  # [R, P], each row carries log Ẑ_r's prefix
     if np.isnan(log_w).any():
@@ -119,9 +125,22 @@ def sequential_monte_carlo(
     )
     khat_note = khat_note or tail_note(khat, share, total)
     lower, lower_stderr = mean_and_stderr(log_z_r)
-    upper, upper_stderr = eubo(
-        ebm, DefensiveMixture(proposal), target_samples, num_samples, target_key
-    )
+    extras = {}
+    if upper_bound == "csmc":
+        references = target_draws(ebm, target_samples, num_replicates, target_key)
+        upper, upper_stderr = None, None
+        if references is not None:
+            references = references[np.arange(num_replicates) % len(references)]
+            csmc = _run(ebm, proposal, keys, ess_threshold, spec, particles, "multinomial",
+                        mesh, payload, references)  # fmt: skip
+            csmc_log_w = np.asarray(to_host(csmc["log_w"]), np.float64)
+            csmc_log_z = np.asarray(logsumexp(jnp.asarray(csmc_log_w), 1)) - np.log(particles)
+            upper, upper_stderr = mean_and_stderr(csmc_log_z)
+            extras["csmc_log_z"] = csmc_log_z
+    else:
+        upper, upper_stderr = eubo(
+            ebm, DefensiveMixture(proposal), target_samples, num_samples, target_key
+        )
     return PartitionEstimate(
         log_z=log_z,
         stderr=stderr,
@@ -140,6 +159,8 @@ def sequential_monte_carlo(
         messages=tuple(messages),
         khat_note=khat_note,
         extras={
+            **extras,
+            "upper_bound": upper_bound,
             "replicate_log_z": log_z_r,
             "tail_share": share,
             "resampling_steps": np.asarray(out["resampled"]).sum(-1),
@@ -161,6 +182,8 @@ def _nan_source(ebm, proposal, twist, out) -> str:
     ]
     if isinstance(twist, EBM):
         parts.append(("the twist EBM's reward", lambda: twist.unnormalized_log_prob(tokens)))
+    elif isinstance(twist, LearnedTwist):
+        parts.append(("the learned twist", lambda: twist.log_phi(tokens)))
     elif callable(twist):
         parts.append(("twist_fn(tokens)", lambda: twist(tokens)))
     for what, score in parts:
@@ -182,71 +205,6 @@ def _pooled(log_z_r):
     mean = relative.mean()
     stderr = np.sqrt(np.var(relative / mean, ddof=1) / r)
     return float(top + np.log(mean)), float(stderr)
-
-
-class _Twist:
-    """``init(P) -> state``; ``update(state, tokens, token, done, log_pi, t) -> (state, Φ_t)``."""
-
-    def __init__(self, init, update):
-        self.init, self.update = init, update
-
-
-def _check_twist(ebm, twist):
-    """``(spec, lattice EBM or None)``: ``spec`` is None, ``"lattice"`` (the twist is the exact
-    twist of the lattice EBM: the target for ``"exact"``, or a given approximation) or a
-    callable ``twist_fn``."""
-    if isinstance(twist, EBM):
-        check_model(twist, EBM, ebm, "twist")
-        if twist.exact_route is not ExactRoute.DYNAMIC_PROGRAM or twist.batch_shape:
-            raise ValueError(
-                "a twist EBM must have all its parts on lattices (a dynamic program) and batch "
-                "shape (), e.g. an n-gram fit to the proposal, constrained: base.constrain(dfa)"
-            )
-        return "lattice", twist
-    if isinstance(twist, str):
-        if twist != "exact":
-            raise ValueError(f"twist must be None, 'exact', an EBM or a callable, got {twist!r}")
-        if ebm.exact_route is not ExactRoute.DYNAMIC_PROGRAM:
-            raise ValueError(
-                "twist='exact' needs an EBM whose parts are all lattice tables; pass a lattice "
-                "EBM that approximates it (twist=approx_ebm) or a twist_fn(tokens) -> [P, T]"
-            )
-        return "lattice", ebm
-    if twist is not None and not callable(twist):
-        raise TypeError(
-            f"twist must be None, 'exact', an EBM or a callable, got {type(twist).__name__}"
-        )
-    return twist, None
-
-
-def _twist(ebm, twist) -> _Twist:
-    """The twist of a ``_check_twist`` spec, built inside the trace (for ``"lattice"``, ``ebm``
-    is the lattice EBM)."""
-    if twist is None:  # Φ_t = log q(y_{≤t}): the running proposal log-probability
-        return _Twist(
-            lambda p: jnp.zeros((p,)),
-            lambda acc, tokens, token, done, log_pi, t: (acc + log_pi,) * 2,
-        )
-    if twist == "lattice":  # ebm: the lattice EBM whose exact twist this is
-        joint, table = ebm.joint, per_decision(ebm.reward_table(), ebm.space.horizon)
-        values, delta = soft_values(joint, table, trusted=True), jnp.asarray(joint.delta)
-        start = joint.initial_state(ebm.prompt, trusted=True)
-        eos = ebm.space.eos_sentinel
-        horizon = ebm.space.horizon
-
-        def update(state, tokens, token, done, log_pi, t):
-            s, acc = state
-            acc = acc + jnp.where(done, 0.0, table[t, s, token])
-            s = delta[s, token]
-            ahead = values[jnp.minimum(t + 1, horizon - 1), s]
-            ended = done | (token == eos) | (t + 1 >= horizon)
-            return (s, acc), acc + jnp.where(ended, 0.0, ahead)
-
-        return _Twist(lambda p: (jnp.full((p,), start), jnp.zeros((p,), table.dtype)), update)
-    return _Twist(
-        lambda p: jnp.zeros(()),
-        lambda state, tokens, token, done, log_pi, t: (state, jnp.take(twist(tokens), t, -1)),
-    )
 
 
 def resample(key, log_w, scheme: str):
@@ -286,21 +244,29 @@ def _gather(tree, index, p):
 
 
 @functools.partial(jax.jit, static_argnames=("twist_spec", "p", "scheme", "mesh"))
-def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None, lattice=None):
+def _run(
+    ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None, payload=None, refs=None
+):
     """``num_replicates = len(keys)`` independent SMC runs of ``p`` particles (vmapped; the
-    replicates split over ``mesh``)."""
+    replicates split over ``mesh``); with reference paths ``refs [R, T]``, conditional SMC
+    (particle 0 of replicate r follows ``refs[r]``)."""
     space = ebm.space
-    twist = _twist(lattice, twist_spec)
     dtype = jnp.result_type(float)
     horizon, eos = space.horizon, space.eos_sentinel
+    first = jnp.arange(p) == 0
 
-    def one(key):
+    def one(key, ref):
         decoder_state, next_logits, advance = proposal.decoder((p,))
+        twist = build_twist(twist_spec, payload, p)
 
         def step(carry, t, step_key, final: bool):
             dec, tw, tokens, done, log_w, phi_prev, log_z = carry
             draw_key, resample_key = jax.random.split(step_key)
-            token, log_pi = draw_step(draw_key, next_logits(dec, t), t, done, space)
+            logits = next_logits(dec, t)
+            token, log_pi = draw_step(draw_key, logits, t, done, space)
+            if ref is not None:  # the reference particle's token and its log π
+                token = jnp.where(first, ref[t], token)
+                log_pi = jnp.where(first, step_log_prob(logits, token, t, done, space), log_pi)
             tokens = tokens.at[:, t].set(token)
             dec = advance(dec, token, t)
             tw, phi = twist.update(tw, tokens, token, done, log_pi, t)
@@ -316,7 +282,10 @@ def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None, l
             if final:
                 return (dec, tw, tokens, done, log_w, phi, log_z), (ess, jnp.array(False))
             redo = ess < ess_threshold * p
-            index = jnp.where(redo, resample(resample_key, log_w, scheme), jnp.arange(p))
+            index = resample(resample_key, log_w, scheme)
+            if ref is not None:  # the reference particle is its own ancestor
+                index = jnp.where(first, 0, index)
+            index = jnp.where(redo, index, jnp.arange(p))
             dec, tw, tokens, done, phi = _gather((dec, tw, tokens, done, phi), index, p)
             log_z = log_z + jnp.where(redo, logsumexp(log_w, 0) - jnp.log(p), 0.0).astype(dtype)
             all_dead = jnp.all(log_w == -jnp.inf)  # Ẑ_r = 0: a valid outcome, kept as −∞
@@ -326,7 +295,7 @@ def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None, l
         tokens = jnp.zeros((p, horizon), jnp.int32)
         carry = (
             decoder_state,
-            twist.init(p),
+            twist.state,
             tokens,
             jnp.zeros((p,), bool),
             jnp.zeros((p,), dtype),
@@ -348,4 +317,5 @@ def _run(ebm, proposal, keys, ess_threshold, twist_spec, p, scheme, mesh=None, l
             "resampled": redo,
         }
 
-    return shard_batch(jax.vmap(one)(shard_batch(keys, mesh)), mesh)
+    refs = None if refs is None else shard_batch(refs, mesh)
+    return shard_batch(jax.vmap(one)(shard_batch(keys, mesh), refs), mesh)

@@ -13,7 +13,15 @@ import jax.numpy as jnp
 from seqppl.logspace import log_softmax
 from seqppl.space import SequenceSpace
 
-__all__ = ["ancestral_sample", "draw_step", "cumulative_probs", "inverse_cdf", "MATMUL_CDF_MAX"]
+__all__ = [
+    "ancestral_sample",
+    "draw_step",
+    "decision_log_policy",
+    "step_log_prob",
+    "cumulative_probs",
+    "inverse_cdf",
+    "MATMUL_CDF_MAX",
+]
 
 MATMUL_CDF_MAX = 256
 """Largest action count whose cumulative sums are taken by a triangular matmul."""
@@ -55,20 +63,38 @@ def draw_step(key, logits, t, done, space: SequenceSpace):
     cumulative mass is below ``u · total`` (never a zero-mass action, since those repeat the
     previous cumulative value).
     """
-    T, A = space.horizon, space.num_actions
-    eos = space.eos_sentinel
     if isinstance(logits, tuple):
-        cumulative, log_prob_of = logits
+        cumulative = logits[0]
         u = 1.0 - jax.random.uniform(key, cumulative.shape[:-1], dtype=cumulative.dtype)
         drawn = jnp.sum(cumulative < (u * cumulative[..., -1])[..., None], -1, dtype=jnp.int32)
-        token = jnp.where(done, eos, drawn)
-        step_log_p = log_prob_of(token)
     else:
-        allowed = jnp.where(t == T - 1, jnp.asarray(space.action_mask()[-1]), jnp.ones((A,), bool))
-        log_p = log_softmax(jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf))
-        token = jnp.where(done, eos, inverse_cdf(key, log_p, cumulative_probs(log_p)))
+        log_p = decision_log_policy(logits, t, space)
+        drawn = inverse_cdf(key, log_p, cumulative_probs(log_p))
+    token = jnp.where(done, space.eos_sentinel, drawn)
+    return token, step_log_prob(logits, token, t, done, space)
+
+
+def decision_log_policy(logits, t, space: SequenceSpace):
+    """``log π(· | decision t)`` ``[*shape, A]``: ``logits`` masked for decision ``t`` (only EOS
+    at a variable-length space's last) and normalised."""
+    allowed = jnp.where(
+        t == space.horizon - 1,
+        jnp.asarray(space.action_mask()[-1]),
+        jnp.ones((space.num_actions,), bool),
+    )
+    return log_softmax(jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf))
+
+
+def step_log_prob(logits, token, t, done, space: SequenceSpace):
+    """``log π(token)`` ``[*shape]`` of a given token at decision ``t``, as ``draw_step`` scores
+    the tokens it draws (``logits`` raw, or its ``(cumulative, log_prob_of)`` pair); 0 where
+    ``done``."""
+    if isinstance(logits, tuple):
+        step_log_p = logits[1](token)
+    else:
+        log_p = decision_log_policy(logits, t, space)
         step_log_p = jnp.take_along_axis(log_p, token[..., None], axis=-1)[..., 0]
-    return token, jnp.where(done, jnp.zeros_like(step_log_p), step_log_p)
+    return jnp.where(done, jnp.zeros_like(step_log_p), step_log_p)
 
 
 def cumulative_probs(log_p):
