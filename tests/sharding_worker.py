@@ -49,6 +49,7 @@ def main() -> dict:
     out["is_shards"] = [list(s.data.shape) for s in tokens.addressable_shards]
     out["is_devices"] = sorted(s.device.id for s in tokens.addressable_shards)
 
+    out["smc_twisted"] = _twisted_smc(mesh)
     data = arm.sample(jax.random.key(4), (512,))
     seen = []  # how the partitioner laid out the tokens the student's network received
 
@@ -87,6 +88,26 @@ def main() -> dict:
             "params_max_diff": float(jnp.max(jnp.abs(runs[0][0] - runs[1][0]))),
             "layouts": [r[2] for r in runs],
         }
+    return out
+
+
+def _twisted_smc(mesh) -> dict:
+    """A callable base under a regex: SMC with a learned twist, with a lattice twist, and the
+    conditional-SMC bound, each ``[one device, mesh]``."""
+    space = sp.SequenceSpace(4, 6, eos=True)
+    lat = sp.Lattice.markov(space, 1)
+    table = sp.ARM.from_table(lat, np.random.default_rng(1).standard_normal((lat.num_states, 5)))
+    dfa = sp.Lattice.regex(space, "(?:0|1)*2(?:3|0)*", ["0", "1", "2", "3"])
+    base = sp.ARM(lambda y: table.logits(y), space)
+    learned, _ = sp.fit_twist(base, dfa, jax.random.key(0), steps=50, progress=False)
+    target, key = base.constrain(dfa), jax.random.key(6)
+    runs = {"learned": dict(twist=learned), "lattice": dict(twist=table.constrain(dfa)),
+            "csmc": dict(upper_bound="csmc")}  # fmt: skip
+    out = {}
+    for name, options in runs.items():
+        estimates = [sp.log_partition(target, "smc", base, 1024, key, mesh=m, **options)
+                     for m in (None, mesh)]  # fmt: skip
+        out[name] = [[e.log_z, e.eubo] for e in estimates]
     return out
 
 

@@ -43,6 +43,14 @@ def test_sharded_log_z_equals_the_single_device_estimate(results, method):
     assert abs(one - results["exact"]) < 4 * se_one  # and both estimate log Z
 
 
+@pytest.mark.parametrize("twist", ["learned", "lattice", "csmc"])
+def test_twisted_smc_over_the_mesh_equals_the_single_device_run(results, twist):
+    """Issue 21's SMC under a constraint on many devices: a learned twist, a lattice twist and
+    the conditional-SMC bound give the one-device numbers (log Z and eubo)."""
+    one, four = results["smc_twisted"][twist]
+    np.testing.assert_allclose(four, one, rtol=1e-12)
+
+
 def test_importance_draws_are_split_over_the_devices(results):
     assert results["is_shards"] == [[250, 6]] * 4  # 1,000 draws, 250 on each device
     assert results["is_devices"] == [0, 1, 2, 3]
