@@ -101,18 +101,24 @@ def compile_regex(pattern: str, texts: list[str]) -> tuple[np.ndarray, int, np.n
     transitions = index.get_transitions()
     after_stop = index.get_final_states()  # full matches: only a terminator can end one
     names = sorted(s for s in transitions if s not in after_stop)
-    dense = {name: k for k, name in enumerate(names)}
     dead = len(names)
+    edges = [  # (tokens, outlines' target states) of each of our states
+        (np.fromiter(out.keys(), np.int64, len(out)), np.fromiter(out.values(), np.int64, len(out)))
+        for out in (transitions[name] for name in names)
+    ]
+    top = max(
+        [index.get_initial_state(), *transitions, *(int(t.max()) for _, t in edges if t.size)]
+    )
+    dense = np.full(top + 1, dead, dtype=np.int64)  # outlines' state id -> ours (dead: pruned)
+    dense[names] = np.arange(dead)
     delta = np.full((dead + 1, V), dead, dtype=np.int64)
     accepting = np.zeros(dead + 1, dtype=bool)
-    for name, k in dense.items():
-        out = transitions[name]
-        accepting[k] = out.get(stop) in after_stop  # the terminator ends a full match
-        for token, target in out.items():
-            if token < V:
-                delta[k, token] = dense.get(target, dead)  # pruned below if it cannot accept
+    for k, (name, (tokens, targets)) in enumerate(zip(names, edges, strict=True)):
+        accepting[k] = transitions[name].get(stop) in after_stop  # the terminator ends a match
+        keep = tokens < V
+        delta[k, tokens[keep]] = dense[targets[keep]]  # pruned below if it cannot accept
     delta[:dead, [i for i, t in enumerate(texts) if not t]] = np.arange(dead)[:, None]
-    initial = dense.get(index.get_initial_state(), dead)
+    initial = int(dense[index.get_initial_state()])
     live = co_reachable(delta, accepting)
     if not live[initial]:
         raise ValueError(f"no token sequence over this vocabulary matches {pattern!r}")
@@ -140,8 +146,9 @@ def _minimise(delta: np.ndarray, initial: int, accepting: np.ndarray):
     block[-1] = 2
     count = len(np.unique(block))
     while True:
-        signature = np.concatenate([block[:, None], block[delta]], axis=1)
-        block = np.unique(signature, axis=0, return_inverse=True)[1].reshape(-1)
+        signature = np.ascontiguousarray(np.concatenate([block[:, None], block[delta]], axis=1))
+        ids: dict[bytes, int] = {}  # one block per distinct row, numbered as they first appear
+        block = np.array([ids.setdefault(row.tobytes(), len(ids)) for row in signature])
         if block.max() + 1 == count:
             break
         count = block.max() + 1
@@ -155,11 +162,12 @@ def _renumber(delta, initial, accepting):
     """Keeps the states reachable from ``initial`` (in order of discovery) plus one dead state."""
     order, seen = [initial], {initial}
     dead = delta.shape[0] - 1
-    for state in order:
-        for target in delta[state]:
+    for state in order:  # breadth first; each state's successors in order of first appearance
+        targets, first = np.unique(delta[state], return_index=True)
+        for target in targets[np.argsort(first)].tolist():
             if target != dead and target not in seen:
-                seen.add(int(target))
-                order.append(int(target))
+                seen.add(target)
+                order.append(target)
     order = [s for s in order if s != dead] + [dead]
     new = np.empty(delta.shape[0], dtype=np.int64)
     new[order] = np.arange(len(order))
