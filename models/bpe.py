@@ -5,7 +5,8 @@
 substrings (no byte-level markers): a token sequence means the concatenation of its tokens'
 texts, ``text(y) = token_texts[y_0] + token_texts[y_1] + ...`` (EOS adds nothing), which is what
 ``tokenizer.decode`` returns. ``ngram_base`` fits a table ARM on ``Lattice.markov(space, k)`` to
-windows of the encoded corpus with ``sp.fit``: a lattice base, so that base × constraint is exact.
+windows of the encoded corpus with ``sp.fit``, or by counts (``ngram_counts``, sparse): a lattice
+base, so that base × constraint is exact.
 
 The corpus is the running Python's standard library, so the vocabulary is deterministic for a
 given Python version (and ``tokenizers`` version) but differs between versions.
@@ -33,6 +34,7 @@ __all__ = [
     "detokenize",
     "corpus_token_ids",
     "token_windows",
+    "ngram_counts",
     "ngram_base",
 ]
 
@@ -211,6 +213,34 @@ def token_windows(
     return windows[:max_windows].astype(np.int32)
 
 
+def ngram_counts(windows, space: sp.SequenceSpace, order: int = 1):
+    """The n-gram counts ``c[s, a]`` of the decisions ``windows [N, T]`` make, sparse.
+
+    Returns ``(states int64 [K], actions int32 [K], counts float64 [K])``: each (state, action)
+    pair seen once, sorted by state then action (CSR order), with ``s`` the context of
+    ``Lattice.markov(space, order)``: the last ``k = order`` tokens, start-padded with ``V``,
+    ``s = Σ_j z_j (V+1)^(k−1−j)`` oldest first. The decisions counted are those the data makes:
+    with EOS, none after the first EOS nor the forced last one. No ``[S, A]`` table is built,
+    so a bigram at V = 26,840 costs its ``K`` pairs (141,171 on the stdlib corpus).
+    """
+    windows = space.validate(windows, "windows").astype(np.int64)
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be int [N, {space.horizon}], got shape {windows.shape}")
+    V, T = space.vocab_size, space.horizon
+    made = np.ones(windows.shape, bool)
+    if space.eos:
+        made = np.cumsum(windows == space.eos_id, axis=1) - (windows == space.eos_id) == 0
+        made[:, -1] = False
+    padded = np.concatenate([np.full((len(windows), order), V, np.int64), windows], 1)
+    states = np.zeros(windows.shape, np.int64)
+    for j in range(order):
+        states += padded[:, j : j + T] * (V + 1) ** (order - 1 - j)
+    pairs, counts = np.unique(
+        np.stack([states[made], windows[made]], 1), axis=0, return_counts=True
+    )
+    return pairs[:, 0], pairs[:, 1].astype(np.int32), counts.astype(np.float64)
+
+
 def ngram_base(
     tokenizer: Tokenizer,
     space: sp.SequenceSpace,
@@ -231,8 +261,8 @@ def ngram_base(
     ``method="fit"``: ``sp.fit`` (likelihood, Adam at ``learning_rate`` on the trapezoid
     schedule, minibatches of ``batch_size``) from the uniform table ``q = 0``; contexts never
     seen keep uniform rows. ``method="counts"``: the closed-form smoothed MLE
-    ``q[s, a] = log(c[s, a] + pseudocount)`` over the decisions the data makes (none after the
-    first EOS, nor the forced last one), instant; ``fit`` tends to it as ``steps`` grow.
+    ``q[s, a] = log(c[s, a] + pseudocount)`` with ``c`` the ``ngram_counts`` of the windows,
+    instant; ``fit`` tends to it as ``steps`` grow.
 
     Args:
         tokenizer: a ``corpus_tokenizer``; ``space.vocab_size`` must equal its size ``V``.
@@ -266,14 +296,10 @@ def ngram_base(
         raise ValueError(f"the text gives no window of {space.length} tokens")
     lattice = sp.Lattice.markov(space, order)
     if method == "counts":
-        states = np.asarray(lattice.states(windows))
-        made = np.ones(windows.shape, bool)  # the decisions the data makes, not forced ones
-        if space.eos:
-            made = np.cumsum(windows == space.eos_id, axis=1) - (windows == space.eos_id) == 0
-            made[:, -1] = False
-        counts = np.zeros((lattice.num_states, space.num_actions))
-        np.add.at(counts, (states[made], windows[made]), 1.0)
-        return sp.ARM.from_table(lattice, jnp.log(counts + pseudocount))
+        states, actions, counts = ngram_counts(windows, space, order)
+        table = np.zeros((lattice.num_states, space.num_actions))
+        table[states, actions] = counts
+        return sp.ARM.from_table(lattice, jnp.log(table + pseudocount))
     if key is None:
         raise ValueError("method='fit' needs key= (a PRNG key); method='counts' does not")
     start = sp.ARM.from_table(lattice, jnp.zeros((lattice.num_states, space.num_actions)))
