@@ -39,6 +39,7 @@ def test_every_example_is_covered_here():
         "student_posterior.py",
         "paper_reproduction.py",
         "constrained_json.py",
+        "twisted_constraints.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
@@ -147,3 +148,21 @@ def test_constrained_json():
     assert float(rows["myopic"][2]) > 0.5  # P(invalid): the length limit, never closed
     assert float(rows["feasible"][2]) == 0 and float(rows["feasible"][0]) > 0.1
     assert float(rows["exact"][1]) == 0 and float(rows["exact"][3]) == 0  # "exact M" splits
+
+
+def test_twisted_constraints():
+    """Every estimate covers the exact log Z (4 se); the twisted samplers accept most of their
+    particles and their weighted particles are closer to the exact target than the untwisted."""
+    text = run_example("twisted_constraints.py")
+    exact = number_after("exact log Z =", text)
+    assert -20 < exact < 0
+    rows = {}
+    for name in ("SMC, no twist", "SMC, lattice twist", "SMC, lattice values"):
+        line = next(line for line in text.splitlines() if line.startswith(name))
+        log_z, stderr, z_score, tv, accepted = (float(v) for v in line[len(name) :].split())
+        rows[name] = {"tv": tv, "accepted": accepted}
+        if name != "SMC, no twist":  # the untwisted run may have accepted nothing at all
+            assert abs(log_z - exact) <= 4 * stderr and abs(z_score) <= 4, line
+    for name in ("SMC, lattice twist", "SMC, lattice values"):
+        assert rows[name]["accepted"] > 0.5 > rows["SMC, no twist"]["accepted"], rows
+        assert rows[name]["tv"] < rows["SMC, no twist"]["tv"], rows

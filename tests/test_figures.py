@@ -291,3 +291,62 @@ def test_distortion_figures_fit_and_mark_infinite_kl():
         labels = {t.get_text() for t in figures[name].axes[0].get_legend().get_texts()}
         assert labels == {"myopic", "feasible", "exact"}, name
     assert "first token" in texts(figures["distortion_options.png"])
+
+
+def _twist_cells():
+    """Fabricated cells of benchmarks/twist_scaling.py: both cases, every sampler, with the
+    awkward values the study produces (no accepted particle: −∞, NaN KL, zero ESS)."""
+    from seqppl.models.twist_figures import SAMPLERS
+
+    rng = np.random.default_rng(0)
+    cells = {}
+    for case, grid in (("enumerable", [10, 100, 1000]), ("long", [10, 1000])):
+        for i, sampler in enumerate(SAMPLERS):
+            if case == "long" and sampler == "exact":
+                continue
+            for p in grid:
+                empty = sampler in ("is", "smc") and p == 10
+                runs = [
+                    {
+                        "tv": 1.0 if empty else 0.9 - 0.1 * i * np.log10(p) / 3 + 0.01 * r,
+                        "kl_rev": np.nan if empty else 3.0 / np.log10(10 * p),
+                        "missing": 1.0 if empty else 0.8 - 0.05 * i,
+                        "ess": 0.0 if empty else 10.0 ** -rng.uniform(0, 2),
+                        "runaway": 0.09 if i < 3 else 0.01,
+                        "accepted": 0.0 if empty else 0.5,
+                        "log_z_error": -np.inf if empty else rng.normal(0, 0.2),
+                    }
+                    for r in range(4)
+                ]
+                log_z = -np.inf if empty else -5.4 + rng.normal(0, 0.1)
+                pooled = {"log_z": log_z, "stderr": 0.1, "low": log_z - 0.2, "high": log_z + 0.2}
+                cells[f"{case}/{sampler}/{p}"] = {"runs": runs, "pooled": pooled, "seconds": 1.0}
+    settings = {
+        "seeds": 4,
+        "cases": {
+            "enumerable": {"length": 10, "pattern": "[A-Z]{2,4}", "enumerable": True},
+            "long": {"length": 16, "pattern": "[A-Z][a-z]+(?:[A-Z][a-z]+)+", "enumerable": False},
+        },
+    }
+    context = {
+        "enumerable": {"log_z": -5.42, "approx_log_z": -5.99, "accepted": 475228},
+        "long": {"approx_log_z": -6.1},
+    }
+    return cells, settings, context
+
+
+def test_twist_scaling_figures_fit_and_say_what_they_show():
+    from seqppl.models.twist_figures import LABELS, scaling_figures, summary_markdown
+
+    cells, settings, context = _twist_cells()
+    figures = scaling_figures(cells, settings, context)
+    assert set(figures) == {"twist-scaling-enumerable.png", "twist-scaling-long.png"}
+    for name, fig in figures.items():
+        assert not outside(fig), name
+        drawn = texts(fig)
+        assert "particles per run P" in drawn and "seeds" in drawn
+        assert all(ax.get_xscale() == "log" for ax in fig.axes)
+    legend = texts(figures["twist-scaling-enumerable.png"])
+    assert all(label in legend for label in LABELS.values())
+    summary = summary_markdown(cells, settings, context, "test machine")
+    assert "Measured:" in summary and "fewer particles" in summary
