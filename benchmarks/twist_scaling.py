@@ -12,7 +12,7 @@ Two cases (the proposal is always the base):
 
 Samplers: IS; SMC with no twist; the lattice twist ``twist=bigram.constrain(dfa)`` (a bigram
 fit by ``sp.fit`` to the base's samples); the same lattice's soft values on the base's own
-prefix probability (``lookahead_twist``); the learned twist ``sp.fit_twist``; and, on the
+prefix probability (``sp.TableTwist.from_lattice``); the learned twist ``sp.fit_twist``; and, on the
 enumerable case, exact draws as the reference. Per particle count P and seed (one run of P
 particles; SMC runs the seeds as the replicates of one call, IS splits P·seeds draws into
 blocks): TV, KL(p̂ ‖ p), the target mass p̂ misses (KL(p ‖ p̂) is ∞ while it is positive),
@@ -116,7 +116,7 @@ class Case:
         self.twists = {
             "smc": None,
             "smc_lattice": self.approx,
-            "smc_lookahead": ts.lookahead_twist(self.base, self.approx),
+            "smc_lookahead": sp.TableTwist.from_lattice(self.base, self.approx),
             "smc_learned": learned,
         }
 
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     settings = json.loads(json.dumps(QUICK if args.quick else FULL))
     if args.seeds is not None:
         settings["seeds"] = args.seeds
-    settings["learned_twist"] = hasattr(sp, "fit_twist")
+    settings["table_twist"] = hasattr(sp, "fit_twist")
     args.out.mkdir(parents=True, exist_ok=True)
     _settings_file(args.out, settings)
     cells_path = args.out / "cells.json"

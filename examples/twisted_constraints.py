@@ -56,7 +56,7 @@ def main(argv=None):
     twists = {
         "SMC, no twist": None,
         "SMC, lattice twist": approx,
-        "SMC, lattice values": ts.lookahead_twist(base, approx),
+        "SMC, lattice values": sp.TableTwist.from_lattice(base, approx),
     }
     runs = 4
     print(f"\n{runs} runs of {particles} particles each, pooled; TV: mean over the runs")

@@ -11,7 +11,6 @@
 - ``exact_target``: the conditional ``p(y) ∝ p_base(y) · 1[y accepted]`` on a space whose accepted
   set can be listed (``models.tv_bounds.accepted_sequences``): ``log Z = log P_base(accepted)``
   and ``log p`` of every accepted sequence;
-- ``lookahead_twist``: the lattice's soft values on the base's own prefix probability;
 - ``particle_metrics``: what one run's weighted particles say about that target.
 """
 
@@ -44,7 +43,6 @@ __all__ = [
     "exact_draws",
     "run_arrays",
     "decode_rows",
-    "lookahead_twist",
 ]
 
 TEXTS = list(ALPHABET)
@@ -238,20 +236,3 @@ def exact_draws(target: ExactTarget, count: int, seed: int):
 def decode_rows(rows, eos_id: int) -> list[str]:
     """The text of each token row (up to its EOS)."""
     return ["".join(TEXTS[t] for t in row if t < eos_id) for row in np.asarray(rows).tolist()]
-
-
-def lookahead_twist(base: sp.ARM, approx: sp.EBM) -> sp.LearnedTwist:
-    """The lattice approximation's soft values on the base's own prefix probability:
-    ``Φ_t = log p_base(y_{≤t}) + V_approx[t+1, s_{t+1}]``, ``s`` the state of ``approx.joint``
-    (for ``approx = bigram.constrain(dfa)``, bigram × DFA, and ``V_approx = log P_bigram(accepted
-    | state)``), −∞ once EOS is taken in a rejecting state.
-
-    ``twist=approx`` adds the same values to the *approximation's* prefix log-probability
-    ``Σ_k r_k``, so its intermediate targets are bigram-shaped and the base/bigram ratio of the
-    whole prefix arrives as weight. This is the form of ``sp.LearnedTwist`` with the product
-    lattice as its automaton and ``h[t] = V_approx[t]`` (``h[T]``: 0 on accepting states, else
-    −∞), so SMC carries it one lookup per step."""
-    lattice = approx.joint
-    values = sp.soft_values(lattice, approx.reward_table())
-    final = jnp.where(jnp.asarray(lattice.accepting), 0.0, -jnp.inf).astype(values.dtype)
-    return sp.LearnedTwist(jnp.concatenate([values, final[None]]), base, lattice)

@@ -23,7 +23,6 @@ from seqppl.distributions import (
 )
 from seqppl.estimate import PartitionEstimate
 from seqppl.lattice import MAX_PREFIX_TREE_CELLS, Lattice
-from seqppl.learned_twist import LearnedTwist, fit_twist
 from seqppl.logspace import log_softmax, logsumexp, softmax
 from seqppl.masking import masked_arm
 from seqppl.masking_report import ConstraintReport, constraint_report
@@ -32,6 +31,7 @@ from seqppl.posterior_comparison import PosteriorComparison, compare_posteriors
 from seqppl.report import DistillationReport, plot_distillation_history
 from seqppl.space import MAX_ENUMERATE, SequenceSpace
 from seqppl.student_posterior import distillation_posterior, student_summary
+from seqppl.table_twist import TableTwist, fit_twist
 from seqppl.train import fit
 
 __version__ = "0.1.0"
@@ -64,7 +64,7 @@ __all__ = [
     "PartitionEstimate",
     "EstimateWarning",
     "fit_twist",
-    "LearnedTwist",
+    "TableTwist",
     "distill",
     "distillation_error",
     "DistillationReport",

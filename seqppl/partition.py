@@ -71,7 +71,7 @@ def log_partition(
         progress: IS progress bar over chunks (default: when there is more than one chunk).
         twist: SMC intermediate targets: None, ``"exact"`` (lattice EBM soft values), a
             lattice EBM approximating ``ebm`` (its exact twist: e.g. an n-gram fit to a
-            neural proposal, constrained like the target), a ``LearnedTwist``
+            neural proposal, constrained like the target), a ``TableTwist``
             (``sp.fit_twist``) or a causal ``twist_fn(tokens [P, T]) -> [P, T]`` (entry t
             estimates ``log Σ_{y' extends y[:t+1]} exp R(y')``).
         resampling, ess_threshold, num_replicates: SMC's scheme (``"multinomial"``,

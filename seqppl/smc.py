@@ -5,7 +5,7 @@ Intermediate targets on prefixes: ``γ_t(y_{≤t}) = exp Φ_t(y_{≤t})`` for ``
 the twist kinds (``seqppl.twists``): None (``Φ_t = log q(y_{≤t})``, no lookahead), ``"exact"``
 (a lattice EBM's accumulated local rewards plus the soft value of the state reached: exact prefix
 marginals, docs/theory.md#sequential-monte-carlo), a lattice EBM approximating the target (its
-exact twist), a ``LearnedTwist`` (``sp.fit_twist``) or a callable ``twist_fn``.
+exact twist), a ``TableTwist`` (``sp.fit_twist``) or a callable ``twist_fn``.
 
 Particle i at step t gets the incremental weight ``Φ_t − Φ_{t−1} − log π(y_t | y_{<t})``;
 when the Kish ESS falls below ``ess_threshold · P`` the particles are resampled (multinomial,
@@ -50,9 +50,9 @@ from seqppl.estimate import (
     normal_interval,
     target_draws,
 )
-from seqppl.learned_twist import LearnedTwist
 from seqppl.logspace import logsumexp, softmax
 from seqppl.sharding import shard_batch, to_host
+from seqppl.table_twist import TableTwist
 from seqppl.twists import build_twist, check_twist
 
 __all__ = ["sequential_monte_carlo", "resample", "RESAMPLING", "UPPER_BOUNDS"]
@@ -182,7 +182,7 @@ def _nan_source(ebm, proposal, twist, out) -> str:
     ]
     if isinstance(twist, EBM):
         parts.append(("the twist EBM's reward", lambda: twist.unnormalized_log_prob(tokens)))
-    elif isinstance(twist, LearnedTwist):
+    elif isinstance(twist, TableTwist):
         parts.append(("the learned twist", lambda: twist.log_phi(tokens)))
     elif callable(twist):
         parts.append(("twist_fn(tokens)", lambda: twist(tokens)))

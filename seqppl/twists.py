@@ -10,9 +10,10 @@ particles through its initial ``state`` and ``update(state, tokens, token, done,
 - ``"lattice"``: a lattice EBM's exact twist ``Φ_t = Σ_{k≤t} r_k + V[t+1, s_{t+1}]``, one table
   lookup per step along the particle's lattice state (the target itself for ``"exact"``, or an
   approximation such as an n-gram × the constraint's DFA);
-- ``"learned"``: a ``LearnedTwist``, ``Φ_t = log p_base(y_{≤t}) + h[t', d_{t+1}]``, the base's
+- ``"table"``: a ``TableTwist``, ``Φ_t = log p_base(y_{≤t}) + h[t', s_{t+1}]``, the base's
   running log-probability (its decoder carried along, or the proposal's ``log π`` when the
-  proposal is the base) plus the learned table at the DFA state;
+  proposal is the base) plus the table at the state of its lattice (a DFA learned by
+  ``fit_twist``, or a lattice approximation's soft values: ``TableTwist.from_lattice``);
 - a callable ``twist_fn(tokens [P, T]) -> [P, T]``, causal, entry t for ``y[:t+1]``.
 """
 
@@ -24,7 +25,7 @@ from seqppl.bellman import soft_values
 from seqppl.checks import check_model, check_same_space
 from seqppl.distributions import EBM, ExactRoute
 from seqppl.distributions.ancestral import step_log_prob
-from seqppl.learned_twist import LearnedTwist, next_rows
+from seqppl.table_twist import TableTwist, next_rows
 from seqppl.tables import per_decision
 
 __all__ = ["Twist", "check_twist", "build_twist"]
@@ -40,16 +41,16 @@ class Twist:
 
 def check_twist(ebm, twist, proposal):
     """``(spec, payload)`` of a ``twist=`` argument: spec None, ``"lattice"`` (payload: the
-    lattice EBM), ``"learned"`` or ``"learned by the proposal"`` (payload: the
-    ``LearnedTwist``; the second when the proposal is its base), or a callable (payload None).
+    lattice EBM), ``"table"`` or ``"table by the proposal"`` (payload: the
+    ``TableTwist``; the second when the proposal is its base), or a callable (payload None).
 
     Raises:
         ValueError / TypeError: a twist of another kind, over another space, or a twist EBM or
             ``"exact"`` without a dynamic program.
     """
-    if isinstance(twist, LearnedTwist):
+    if isinstance(twist, TableTwist):
         check_same_space("twist", twist.base.space, ebm.space)
-        return ("learned by the proposal" if twist.base is proposal else "learned"), twist
+        return ("table by the proposal" if twist.base is proposal else "table"), twist
     if isinstance(twist, EBM):
         check_model(twist, EBM, ebm, "twist")
         if twist.exact_route is not ExactRoute.DYNAMIC_PROGRAM or twist.batch_shape:
@@ -61,18 +62,18 @@ def check_twist(ebm, twist, proposal):
     if isinstance(twist, str):
         if twist != "exact":
             raise ValueError(
-                f"twist must be None, 'exact', an EBM, a LearnedTwist or a callable, got {twist!r}"
+                f"twist must be None, 'exact', an EBM, a TableTwist or a callable, got {twist!r}"
             )
         if ebm.exact_route is not ExactRoute.DYNAMIC_PROGRAM:
             raise ValueError(
                 "twist='exact' needs an EBM whose parts are all lattice tables; pass a lattice "
-                "EBM that approximates it (twist=approx_ebm), a LearnedTwist (sp.fit_twist) or "
+                "EBM that approximates it (twist=approx_ebm), a TableTwist (sp.fit_twist) or "
                 "a twist_fn(tokens) -> [P, T]"
             )
         return "lattice", ebm
     if twist is not None and not callable(twist):
         raise TypeError(
-            "twist must be None, 'exact', an EBM, a LearnedTwist or a callable, got "
+            "twist must be None, 'exact', an EBM, a TableTwist or a callable, got "
             f"{type(twist).__name__}"
         )
     return twist, None
@@ -88,7 +89,7 @@ def build_twist(spec, payload, p: int) -> Twist:
     if spec == "lattice":
         return _lattice_twist(payload, p)
     if isinstance(spec, str):
-        return _learned_twist(payload, p, reuse_proposal=spec == "learned by the proposal")
+        return _table_twist(payload, p, reuse_proposal=spec == "table by the proposal")
     return Twist(
         jnp.zeros(()),
         lambda state, tokens, token, done, log_pi, t: (state, jnp.take(spec(tokens), t, -1)),
@@ -113,11 +114,11 @@ def _lattice_twist(ebm, p: int) -> Twist:
     return Twist((jnp.full((p,), start), jnp.zeros((p,), table.dtype)), update)
 
 
-def _learned_twist(twist: LearnedTwist, p: int, reuse_proposal: bool) -> Twist:
+def _table_twist(twist: TableTwist, p: int, reuse_proposal: bool) -> Twist:
     """``Φ_t = log p_base(y_{≤t}) + h[next_rows[t, y_t], δ(d_t, y_t)]``; the base's
     ``log π`` from its own decoder, or the proposal's when the proposal is the base."""
-    base, dfa = twist.base, twist.dfa
-    space, delta, rows = base.space, jnp.asarray(dfa.delta), jnp.asarray(next_rows(base.space))
+    base, lattice = twist.base, twist.lattice
+    space, delta, rows = base.space, jnp.asarray(lattice.delta), jnp.asarray(next_rows(base.space))
     decoder, next_logits, advance = base.decoder((p,))
     if reuse_proposal:
         decoder = jnp.zeros(())
@@ -132,5 +133,5 @@ def _learned_twist(twist: LearnedTwist, p: int, reuse_proposal: bool) -> Twist:
         ahead = twist.values[jnp.where(done, space.horizon, rows[t, token]), d]
         return (decoder, d, acc), acc + ahead
 
-    start = jnp.full((p,), dfa.initial_state(base.prompt))
+    start = jnp.full((p,), lattice.initial_state(base.prompt))
     return Twist((decoder, start, jnp.zeros((p,), twist.values.dtype)), update)

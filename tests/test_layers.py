@@ -157,7 +157,7 @@ def test_layers_import_downwards_only():
         **dict.fromkeys(["backward", "bellman"], 3),
         "distributions": 4,
         **dict.fromkeys(["estimate", "importance", "smc", "partition", "train", "loop"], 5),
-        **dict.fromkeys(["masking", "learned_twist", "twists"], 5),
+        **dict.fromkeys(["masking", "table_twist", "twists"], 5),
         **dict.fromkeys(["objectives", "distill", "report", "distillation_report"], 6),
         "masking_report": 6,
         **dict.fromkeys(["posterior_comparison", "student_posterior"], 6),

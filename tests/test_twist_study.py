@@ -30,14 +30,14 @@ def _tiny():
     return base, bigram, sp.Lattice.regex(space, "(?:ab)+c?", ["a", "b", "c"])
 
 
-def test_lookahead_twist_is_the_base_prefix_plus_the_bigram_acceptance_probability():
+def test_table_twist_from_a_lattice_is_the_base_prefix_plus_the_bigram_acceptance_probability():
     """``Φ_t = log p_base(y_{≤t}) + log P_bigram(accepted | y_{≤t})`` on every prefix, by
     enumeration (−∞ exactly where the bigram cannot accept any more)."""
     base, bigram, dfa = _tiny()
     approx = bigram.constrain(dfa)
     space = base.space
     y = np.asarray(space.enumerate())
-    phi = np.asarray(ts.lookahead_twist(base, approx).log_phi(jnp.asarray(y)))
+    phi = np.asarray(sp.TableTwist.from_lattice(base, approx).log_phi(jnp.asarray(y)))
     steps = np.take_along_axis(np.asarray(base.log_policies(jnp.asarray(y))), y[..., None], -1)
     log_bigram = np.asarray(bigram.log_prob(jnp.asarray(y)))
     accepted = np.isfinite(np.asarray(approx.unnormalized_log_prob(jnp.asarray(y))))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import seqppl as sp
+from seqppl.twists import build_twist
 
 PATTERN = "(?:0|1)*2(?:3|0)*"
 
@@ -62,7 +63,8 @@ def test_fit_twist_recovers_the_acceptance_probabilities_of_a_unigram_base():
 
 def test_an_exact_learned_twist_makes_smc_exact_and_matches_its_total_form():
     """With the exact table and the exact constrained ARM as proposal every increment after the
-    first is 0 (zero variance); the incremental twist equals ``log_phi`` given as a callable."""
+    first is 0 (zero variance); the twist SMC carries step by step (running the base's decoder,
+    or reusing the proposal's log π when the proposal is the base) equals ``log_phi``."""
     base, table, dfa = _unigram_under_a_regex(seed=1)
     target = base.constrain(dfa)
     exact = float(table.constrain(dfa).log_partition())
@@ -71,12 +73,30 @@ def test_an_exact_learned_twist_makes_smc_exact_and_matches_its_total_form():
     proposal = sp.ARM(lambda y: exact_arm.logits(y), base.space)
     est = sp.log_partition(target, "smc", proposal, 128, jax.random.key(2), twist=twist)
     assert abs(est.log_z - exact) < 1e-4 and est.stderr < 1e-4
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", sp.EstimateWarning)
-        by_base = sp.log_partition(target, "smc", base, 256, jax.random.key(3), twist=twist)
-        total = sp.log_partition(target, "smc", base, 256, jax.random.key(3), twist=twist.log_phi)
-    assert abs(by_base.log_z - total.log_z) < 1e-9
-    np.testing.assert_allclose(by_base.log_weights, total.log_weights, atol=1e-9)
+    y = base.sample(jax.random.key(3), (64,))
+    eos = y == base.space.eos_id
+    done = jnp.cumsum(eos, -1) - eos > 0
+    log_pi = jnp.take_along_axis(base.log_policies(y), y[..., None], -1)[..., 0]
+    log_pi = jnp.where(done, 0.0, log_pi)
+    for spec in ("table", "table by the proposal"):
+        carried = build_twist(spec, twist, len(y))
+        state, phis = carried.state, []
+        for t in range(base.space.horizon):
+            state, phi = carried.update(state, y, y[:, t], done[:, t], log_pi[:, t], t)
+            phis.append(phi)
+        np.testing.assert_allclose(jnp.stack(phis, -1), twist.log_phi(y), atol=1e-9)
+
+
+def test_a_table_twist_from_the_exact_lattice_makes_smc_exact():
+    """``TableTwist.from_lattice`` of the target itself (a lattice EBM) with its exact ARM as the
+    proposal: the lattice's soft values on the base's prefix are the exact twist."""
+    _, table, dfa = _unigram_under_a_regex(seed=3)
+    target = table.constrain(dfa)
+    twist = sp.TableTwist.from_lattice(table, target)
+    est = sp.log_partition(target, "smc", sp.to_arm(target), 128, jax.random.key(0), twist=twist)
+    assert abs(est.log_z - float(target.log_partition())) < 1e-9 and est.stderr < 1e-9
+    with pytest.raises(TypeError, match="approx must be an EBM on lattices"):
+        sp.TableTwist.from_lattice(table, table)
 
 
 def test_a_learned_twist_of_the_exact_arm_is_the_constraint_alone():
@@ -89,7 +109,7 @@ def test_a_learned_twist_of_the_exact_arm_is_the_constraint_alone():
     values = np.asarray(twist.values)
     finite = np.isfinite(values)
     assert np.abs(values[finite]).max() < 2e-3
-    exact_twist = sp.LearnedTwist(jnp.where(finite, 0.0, -jnp.inf), exact_arm, dfa)
+    exact_twist = sp.TableTwist(jnp.where(finite, 0.0, -jnp.inf), exact_arm, dfa)
     target = exact_arm.constrain(dfa)
     est = sp.log_partition(target, "smc", exact_arm, 128, jax.random.key(1), twist=exact_twist)
     assert abs(est.log_z) < 1e-9 and est.stderr < 1e-9
@@ -116,7 +136,7 @@ def test_conditional_smc_bounds_log_z_from_above_with_an_unbiased_inverse():
     """``E[1/Ẑ_CSMC] = P(Ẑ_SMC > 0) / Z``: with a feasibly masked proposal no particle dies, so
     ``1/Ẑ_CSMC`` is unbiased for ``1/Z`` (checked over 128 conditional runs of 4 particles,
     within 4 standard errors), and the sandwich ``elbo ≤ log Z ≤ eubo`` holds within 3 standard
-    errors for 2 seeds, the conditional bound below the proposal's EUBO."""
+    errors (one seed here), the conditional bound below the proposal's EUBO."""
     base, dfa, target, exact = _bigram_target()
     masked = sp.masked_arm(base, dfa, "feasible")
     with warnings.catch_warnings():
@@ -126,7 +146,7 @@ def test_conditional_smc_bounds_log_z_from_above_with_an_unbiased_inverse():
         inverse = np.exp(exact - est.extras["csmc_log_z"])
         assert abs(inverse.mean() - 1) < 4 * inverse.std(ddof=1) / np.sqrt(inverse.size)
         assert est.extras["upper_bound"] == "csmc"
-        for seed in range(2):
+        for seed in range(1):
             est = sp.log_partition(target, "smc", base, 512, jax.random.key(seed),
                                    upper_bound="csmc")  # fmt: skip
             assert _sandwiches(est, exact, 3)
@@ -185,9 +205,9 @@ def _neural_coverage(seeds):
 
 
 def test_a_neural_proposal_under_a_regex_covers_the_exact_log_z():
-    """Short version of the slow study: 4 seeds, every interval and sandwich covers."""
-    for name, (covered, sandwiched) in _neural_coverage(range(4)).items():
-        assert covered >= 3 and sandwiched >= 3, (name, covered, sandwiched)
+    """Short version of the slow study: 2 seeds, every interval and sandwich covers."""
+    for name, (covered, sandwiched) in _neural_coverage(range(2)).items():
+        assert covered == 2 and sandwiched == 2, (name, covered, sandwiched)
 
 
 @pytest.mark.slow

@@ -1,27 +1,33 @@
-"""A learned SMC twist under a constraint: a value table ``h[t, d]`` over the DFA's states,
-fitted to the soft Bellman equation of a (neural) base ARM.
+"""Table twists for SMC on a constrained base: ``Φ_t = log p_base(y_{≤t}) + h[t+1, s_{t+1}]``,
+a value table ``h`` over the states of an automaton lattice, learned (``fit_twist``) or read off
+a lattice approximation (``TableTwist.from_lattice``).
 
 For the target ``p(y) ∝ p_base(y) · 1[y accepted]`` the exact twist is
 ``Φ_t(y_{≤t}) = log p_base(y_{≤t}) + log P_base(accepted | y_{≤t})``
-(docs/theory.md#sequential-monte-carlo). A ``LearnedTwist`` keeps the first term exact and
-replaces the second by ``h[t+1, d_{t+1}]``, ``d_{t+1}`` the DFA state after the prefix:
+(docs/theory.md#sequential-monte-carlo). A ``TableTwist`` keeps the first term exact, the base's
+own prefix log-probability, and replaces the second by ``h[t+1, s_{t+1}]``, ``s_{t+1}`` the
+lattice state after the prefix (a DFA's state, or a bigram × DFA state):
 
-- ``h[t, d] = −∞`` where no accepted completion fits in the decisions left (read off the DFA:
-  such prefixes have weight 0 under the target, so the twist drops them at once);
-- ``h[T, d] = log 1[d accepting]`` (and ``h[T−1] = h[T]`` with EOS, whose last decision is the
-  forced EOS);
-- the other entries are parameters, fitted to the soft Bellman equation of the base along
-  sequences ``y`` of a behaviour ARM (by default the base under feasible masking)::
+- ``fit_twist`` learns ``h`` over the DFA's states. ``h[t, d] = −∞`` where no accepted
+  completion fits in the decisions left (read off the DFA: such prefixes have weight 0 under the
+  target, so the twist drops them at once); ``h[T, d] = log 1[d accepting]`` (and ``h[T−1] =
+  h[T]`` with EOS, whose last decision is the forced EOS); the other entries are parameters,
+  fitted to the soft Bellman equation of the base along sequences ``y`` of a behaviour ARM (by
+  default the base under feasible masking)::
 
       h[t, d_t] = log Σ_a π_base(a | y_{<t}) · exp h[t', δ(d_t, a)],   t' = T for EOS, else t+1
 
   by the semi-gradient squared residual (the right side held fixed at each step), with
-  ``sp.fit``'s loop (Adam on the trapezoid schedule, checkpoints, progress bar).
-
-A table cannot tell apart two prefixes in the same DFA state: ``h`` is the fit of
-``log P_base(accepted | ·)`` that is best on average over the behaviour's prefixes in each
-state. ``h = 0`` on every feasible entry (the start of the fit) is the constraint's own twist:
-it only removes prefixes that can no longer be accepted.
+  ``sp.fit``'s loop (Adam on the trapezoid schedule, checkpoints, progress bar). A table cannot
+  tell apart two prefixes in the same DFA state: ``h`` is the fit of ``log P_base(accepted | ·)``
+  that is best on average over the behaviour's prefixes in each state. ``h = 0`` on every
+  feasible entry (the start of the fit) is the constraint's own twist: it only removes prefixes
+  that can no longer be accepted.
+- ``from_lattice(base, approx)`` takes ``h = V_approx``, the exact soft values of a lattice
+  approximation such as ``bigram.constrain(dfa)`` (``log P_bigram(accepted | state)``). Unlike
+  ``twist=approx``, whose ``Φ_t`` is the *approximation's* prefix log-probability plus the same
+  values (so a neural particle carries the ratio ``p_approx / p_base`` of its prefix as
+  weight), it keeps the base's own prefix probability.
 """
 
 from __future__ import annotations
@@ -33,26 +39,57 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from seqppl.bellman import soft_values
 from seqppl.checks import check_counts, check_key, check_number, check_same_space
-from seqppl.distributions import ARM
+from seqppl.distributions import ARM, EBM, ExactRoute
 from seqppl.lattice import Lattice
 from seqppl.logspace import logsumexp
 from seqppl.loop import digest, optimise, run_fingerprint, trapezoid_schedule
 from seqppl.masking import accepting_states, allowed_actions, masked_arm
+from seqppl.tables import per_decision
 
-__all__ = ["LearnedTwist", "fit_twist", "next_rows"]
+__all__ = ["TableTwist", "fit_twist", "next_rows"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
-class LearnedTwist:
-    """``h [T+1, S_dfa]`` (−∞ where infeasible), the ``base`` ARM whose prefix log-probability
-    it adds to, and the ``dfa`` whose state it reads. Pass it as ``twist=`` to
-    ``sp.log_partition(base.constrain(dfa), "smc", ...)``."""
+class TableTwist:
+    """``h [T+1, S]`` over the states of ``lattice`` (−∞ where no accepted completion is
+    possible), and the ``base`` ARM whose prefix log-probability it adds to. Pass it as
+    ``twist=`` to ``sp.log_partition(base.constrain(dfa), "smc", ...)``; build it with
+    ``sp.fit_twist`` or ``TableTwist.from_lattice``."""
 
     values: jax.Array
     base: ARM
-    dfa: Lattice = dataclasses.field(metadata={"static": True})
+    lattice: Lattice = dataclasses.field(metadata={"static": True})
+
+    @classmethod
+    def from_lattice(cls, base: ARM, approx) -> TableTwist:
+        """The twist ``Φ_t = log p_base(y_{≤t}) + V_approx[t+1, s_{t+1}]`` of a lattice EBM
+        ``approx`` over the base's space (e.g. an n-gram fit to the base, constrained:
+        ``ngram.constrain(dfa)``), ``s`` its joint lattice's state; ``h[T]`` is 0 on that
+        lattice's accepting states (all of them without a constraint) and −∞ elsewhere.
+
+        Raises:
+            TypeError / ValueError: ``base`` not an ARM, ``approx`` not a lattice EBM (batch
+                shape ``()``) over the base's space.
+        """
+        if not isinstance(base, ARM):
+            raise TypeError(f"base must be an ARM, got {type(base).__name__}")
+        if not isinstance(approx, EBM) or approx.exact_route is not ExactRoute.DYNAMIC_PROGRAM:
+            raise TypeError("approx must be an EBM on lattices (a dynamic program), e.g. "
+                            "ngram.constrain(dfa)")  # fmt: skip
+        check_same_space("approx", approx.space, base.space)
+        if approx.batch_shape:
+            raise ValueError(f"approx must have batch shape (), got {approx.batch_shape}")
+        lattice = approx.joint
+        table = per_decision(approx.reward_table(), base.space.horizon)
+        values = soft_values(lattice, table, trusted=True)
+        accept = np.ones(lattice.num_states, bool)  # no constraint: every state ends well
+        if lattice.accepting is not None:
+            accept = accepting_states(lattice)
+        final = jnp.where(accept, 0.0, -jnp.inf).astype(values.dtype)
+        return cls(jnp.concatenate([values, final[None]]), base, lattice)
 
     def log_phi(self, tokens) -> jax.Array:
         """The twist in total form ``Φ_t`` ``[..., T]`` along ``tokens [..., T]``: entry t is
@@ -61,7 +98,8 @@ class LearnedTwist:
         eos = tokens == space.eos_sentinel
         log_p = jnp.take_along_axis(self.base.log_policies(tokens), tokens[..., None], -1)[..., 0]
         log_p = jnp.cumsum(jnp.where(jnp.cumsum(eos, -1) - eos > 0, 0.0, log_p), -1)
-        after = jnp.asarray(self.dfa.delta)[self.dfa.states(tokens, self.base.prompt), tokens]
+        states = self.lattice.states(tokens, self.base.prompt)
+        after = jnp.asarray(self.lattice.delta)[states, tokens]
         rows = jnp.asarray(next_rows(space))[jnp.arange(space.horizon), tokens]
         return log_p + self.values[rows, after]
 
@@ -101,8 +139,8 @@ def fit_twist(
     checkpoint_dir=None,
     checkpoint_every: int = 500,
     progress: bool = True,
-) -> tuple[LearnedTwist, dict]:
-    """Fit a ``LearnedTwist`` for SMC on ``base.constrain(dfa)`` (module docstring).
+) -> tuple[TableTwist, dict]:
+    """Fit a ``TableTwist`` for SMC on ``base.constrain(dfa)`` (module docstring).
 
     Args:
         base: the base ARM (a callable or neural ARM; a table ARM works too).
@@ -179,7 +217,7 @@ def fit_twist(
     fingerprint = None
     if checkpoint_dir is not None:
         fingerprint = run_fingerprint(
-            f"LearnedTwist on {dfa.num_states} DFA states",
+            f"TableTwist on {dfa.num_states} DFA states",
             theta,
             optimizer,
             steps=str(steps),
@@ -203,7 +241,7 @@ def fit_twist(
     )
     if stopped is not None:
         raise FloatingPointError(stopped)
-    return LearnedTwist(table(theta), base, dfa), history
+    return TableTwist(table(theta), base, dfa), history
 
 
 def _decisions(base: ARM, dfa: Lattice, tokens):
