@@ -71,33 +71,23 @@ def _same_run(name, got, want):
     assert got["params_local"]  # returned as copies on the process's own device
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """2 processes x 2 CPU devices, and the reference computed meanwhile."""
-    with _job(tmp_path_factory.mktemp("job"), 2, 2, "--only", ",".join(FAST)) as job:
+def test_two_processes_of_two_devices_give_the_single_process_results(tmp_path):
+    """2 processes x 2 CPU devices (the reference computed meanwhile in this process): every
+    process sees the 4 devices and holds only its shards of the draws, and each run of ``FAST``
+    gives the single-process result. One test, so that the job runs once however pytest-xdist
+    splits the module."""
+    with _job(tmp_path, 2, 2, "--only", ",".join(FAST)) as job:
         reference = _reference(FAST)  # while the job runs
         codes = processes.wait_all(job, timeout=TIMEOUT)
-    return _results(job, codes), reference
-
-
-def test_every_process_sees_every_device(two_processes):
-    results, _ = two_processes
+    results = _results(job, codes)
     assert [r["process"] for r in results] == [0, 1]
     assert all(r["processes"] == 2 and r["devices"] == 4 for r in results)
     assert all(r["local_devices"] == 2 for r in results)
-
-
-def test_each_process_holds_only_its_shards_of_the_draws(two_processes):
-    results, _ = two_processes
     for r in results:  # 512 draws: 128 on each of the 4 devices, 2 of them on each process
         assert r["shards"] == [[128, r["process"]]] * 2
-
-
-@pytest.mark.parametrize("name", FAST)
-def test_two_processes_give_the_single_process_results(two_processes, name):
-    results, reference = two_processes
-    for r in results:
-        _same_run(name, r[name], reference[name])
+    for name in FAST:
+        for r in results:
+            _same_run(name, r[name], reference[name])
 
 
 @pytest.mark.slow
