@@ -64,6 +64,7 @@ def test_bayesian_tilt():
 
 
 @pytest.mark.filterwarnings("ignore")
+@pytest.mark.slow  # make test's budget; its parts are tested fast elsewhere
 def test_bayesian_ngram():
     text = run_example("bayesian_ngram.py")
     assert number_after("max r_hat", text) < 1.05
@@ -74,6 +75,7 @@ def test_bayesian_ngram():
     assert mle < nuts < truth  # 80 sequences: the posterior predictive beats the plug-in MLE
 
 
+@pytest.mark.slow  # make test's budget; its parts are tested fast elsewhere
 def test_stdlib_charlm():
     text = run_example("stdlib_charlm.py")
     unigram = number_after("unigram (counts)        held-out bits/char:", text)
@@ -106,6 +108,7 @@ def test_lookahead():
     assert abs(estimate - exact) <= 4 * (high - low) / (2 * 1.96)
 
 
+@pytest.mark.slow  # make test's budget; its parts are tested fast elsewhere
 def test_student_posterior():
     text = run_example("student_posterior.py")
     rows = {}
@@ -120,6 +123,7 @@ def test_student_posterior():
     assert "kl_reverse[unigram]" in text
 
 
+@pytest.mark.slow  # make test's budget; reproduce: test_models.py and test_cli.py
 def test_paper_reproduction(tmp_path):
     """Also the files `seqppl reproduce` writes (the command line's wiring: test_cli.py)."""
     text = run_example("paper_reproduction.py", "--out", str(tmp_path))
