@@ -54,6 +54,7 @@ def test_quickstart():
 
 
 @pytest.mark.filterwarnings("ignore")
+@pytest.mark.slow  # make test's budget; NUTS on a tilt: test_inference.py
 def test_bayesian_tilt():
     text = run_example("bayesian_tilt.py")
     means = [float(m) for m in re.findall(r"^beta\s+(-?[0-9.]+)", text, re.M)]
@@ -84,6 +85,7 @@ def test_stdlib_charlm():
     assert 4.0 < unigram < 5.5 and trigram < unigram - 1.0 and transformer < unigram
 
 
+@pytest.mark.slow  # make test's budget; the estimators: test_partition.py
 def test_partition_estimation():
     text = run_example("partition_estimation.py")
     exact = number_after("exact log Z =", text)
@@ -95,6 +97,7 @@ def test_partition_estimation():
     assert number_after("|IS - SMC| / combined stderr =", text) <= 4
 
 
+@pytest.mark.slow  # make test's budget; the same task and student: the demo's test in test_cli.py
 def test_lookahead():
     text = run_example("lookahead.py")
     assert text.count("all digit sums divisible by 3 (4096 samples): True") == 2
