@@ -50,6 +50,13 @@ def check_twist(ebm, twist, proposal):
     """
     if isinstance(twist, TableTwist):
         check_same_space("twist", twist.base.space, ebm.space)
+        check_same_space("twist.lattice", twist.lattice.space, ebm.space)
+        expected = (ebm.space.horizon + 1, twist.lattice.num_states)
+        if tuple(twist.values.shape) != expected:
+            raise ValueError(
+                f"twist.values has shape {tuple(twist.values.shape)}; a TableTwist over "
+                f"{expected[1]} lattice states needs [T+1, S] = {list(expected)}"
+            )
         return ("table by the proposal" if twist.base is proposal else "table"), twist
     if isinstance(twist, EBM):
         check_model(twist, EBM, ebm, "twist")

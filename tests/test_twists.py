@@ -237,6 +237,12 @@ def test_bad_twist_input():
     never = sp.Lattice.regex(base.space, "0{9}", ["0", "1", "2", "3"])
     with pytest.raises(ValueError, match="Z = 0"):
         sp.fit_twist(base, never, key)
+    wrong = sp.TableTwist(jnp.zeros((3, dfa.num_states)), base, dfa)
+    with pytest.raises(ValueError, match=r"twist.values has shape \(3, 3\)"):
+        sp.log_partition(target, "smc", base, 64, key, twist=wrong)
+    with pytest.raises(ValueError, match="approx"):
+        sp.TableTwist.from_lattice(base, sp.ARM.from_table(sp.Lattice.markov(other.space, 0),
+                                   jnp.zeros((1, 5))).constrain(other))  # fmt: skip
     with pytest.raises(ValueError, match="upper_bound must be one of"):
         sp.log_partition(target, "smc", base, 64, key, upper_bound="sandwich")
     with pytest.raises(ValueError, match="upper_bound='csmc' applies to method='smc'"):
