@@ -227,9 +227,8 @@ def ngram_counts(windows, space: sp.SequenceSpace, order: int = 1):
     if windows.ndim != 2:
         raise ValueError(f"windows must be int [N, {space.horizon}], got shape {windows.shape}")
     V, T = space.vocab_size, space.horizon
-    made = np.ones(windows.shape, bool)
+    made = np.array(space.active(windows))  # the decisions up to the first EOS
     if space.eos:
-        made = np.cumsum(windows == space.eos_id, axis=1) - (windows == space.eos_id) == 0
         made[:, -1] = False
     padded = np.concatenate([np.full((len(windows), order), V, np.int64), windows], 1)
     states = np.zeros(windows.shape, np.int64)

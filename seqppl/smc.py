@@ -111,8 +111,7 @@ def sequential_monte_carlo(
     log_w = np.asarray(out["log_w"], np.float64)  # [R, P], each row carries log Ẑ_r's prefix
     if np.isnan(log_w).any():
         raise ValueError(f"an SMC weight is NaN: {_nan_source(ebm, proposal, twist, out)}")
-    log_z_r = logsumexp(jnp.asarray(log_w), 1) - np.log(particles)
-    log_z_r = np.asarray(log_z_r, np.float64)
+    log_z_r = _replicate_log_z(log_w)
     log_z, stderr = _pooled(log_z_r)
     ess = float(sum(kish_ess(row) for row in log_w))
     total = particles * num_replicates
@@ -133,8 +132,7 @@ def sequential_monte_carlo(
             references = references[np.arange(num_replicates) % len(references)]
             csmc = _run(ebm, proposal, keys, ess_threshold, spec, particles, "multinomial",
                         mesh, payload, references)  # fmt: skip
-            csmc_log_w = np.asarray(to_host(csmc["log_w"]), np.float64)
-            csmc_log_z = np.asarray(logsumexp(jnp.asarray(csmc_log_w), 1)) - np.log(particles)
+            csmc_log_z = _replicate_log_z(np.asarray(to_host(csmc["log_w"]), np.float64))
             upper, upper_stderr = mean_and_stderr(csmc_log_z)
             extras["csmc_log_z"] = csmc_log_z
     else:
@@ -193,6 +191,12 @@ def _nan_source(ebm, proposal, twist, out) -> str:
             return f"{what} is the source: {error}"
     suspects = "the EBM's reward, the proposal's logits" + (" or the twist" if twist else "")
     return f"{suspects} gave NaN or +∞ on a particle that resampling dropped"
+
+
+def _replicate_log_z(log_w) -> np.ndarray:
+    """``log Ẑ_r = log mean_i w_{r,i}`` float64 ``[R]`` of final log weights ``[R, P]`` (each
+    row already carrying its run's resampling normalisers)."""
+    return np.asarray(logsumexp(jnp.asarray(log_w), 1), np.float64) - np.log(log_w.shape[1])
 
 
 def _pooled(log_z_r):

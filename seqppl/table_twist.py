@@ -95,9 +95,8 @@ class TableTwist:
         """The twist in total form ``Φ_t`` ``[..., T]`` along ``tokens [..., T]``: entry t is
         ``log p_base(y_{≤t}) + h[t', δ(d_t, y_t)]`` (``t' = T`` from EOS on, else ``t+1``)."""
         space = self.base.space
-        eos = tokens == space.eos_sentinel
         log_p = jnp.take_along_axis(self.base.log_policies(tokens), tokens[..., None], -1)[..., 0]
-        log_p = jnp.cumsum(jnp.where(jnp.cumsum(eos, -1) - eos > 0, 0.0, log_p), -1)
+        log_p = jnp.cumsum(jnp.where(space.active(tokens), log_p, 0.0), -1)
         states = self.lattice.states(tokens, self.base.prompt)
         after = jnp.asarray(self.lattice.delta)[states, tokens]
         rows = jnp.asarray(next_rows(space))[jnp.arange(space.horizon), tokens]
@@ -252,8 +251,7 @@ def _decisions(base: ARM, dfa: Lattice, tokens):
         [base.log_policies(chunk) for chunk in jnp.array_split(tokens, -(-len(tokens) // 1024))]
     )
     states = dfa.states(tokens, base.prompt, trusted=True)
-    eos = tokens == space.eos_sentinel
-    made = jnp.cumsum(eos, -1) - eos == 0
+    made = space.active(tokens)
     if space.eos:
         made = made.at[:, -1].set(False)
     return log_pi, states, made
