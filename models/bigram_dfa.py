@@ -43,6 +43,7 @@ import numpy as np
 from seqppl.models.bpe import ngram_counts
 
 import seqppl as sp
+from seqppl.checks import check_number
 
 __all__ = [
     "BigramCounts",
@@ -92,15 +93,12 @@ def bigram_counts(windows, space: sp.SequenceSpace, pseudocount: float = 0.1) ->
         ValueError: ``pseudocount`` is not a finite number > 0, ``space`` has no EOS, or
             ``windows`` are not sequences of ``space``.
     """
-    if isinstance(pseudocount, bool) or not (
-        isinstance(pseudocount, (int, float, np.number)) and 0 < pseudocount < np.inf
-    ):
-        raise ValueError(f"pseudocount must be a finite number > 0, got {pseudocount!r}")
+    pseudocount = check_number("pseudocount", pseudocount, 0, np.inf)
     if not space.eos:
         raise ValueError(f"space must have EOS (a variable-length space), got {space}")
     states, actions, counts = ngram_counts(windows, space, order=1)
     indptr = np.searchsorted(states, np.arange(space.vocab_size + 2))
-    return BigramCounts(space, indptr, actions, counts, float(pseudocount))
+    return BigramCounts(space, indptr, actions, counts, pseudocount)
 
 
 class CountRows(NamedTuple):
