@@ -19,6 +19,7 @@ import warnings
 
 import jax
 import numpy as np
+from seqppl.models import bpe
 from seqppl.models import twist_study as ts
 
 import seqppl as sp
@@ -44,7 +45,7 @@ def main(argv=None):
     dfa = sp.Lattice.regex(base.space, pattern, ts.TEXTS)
     exact = ts.exact_target(base, dfa)
     top = np.argsort(exact.log_p)[::-1][:5]
-    names = ", ".join(ts.decode_rows(exact.sequences[top], base.space.eos_id))
+    names = ", ".join(bpe.detokenize(ts.TEXTS, exact.sequences[top]))
     print(f"constraint {pattern}: {len(exact.log_p):,} accepted words, the likeliest {names}")
     print(f"exact log Z = {exact.log_z:.4f} (P_base(accepted) = {np.exp(exact.log_z):.2e})")
 

@@ -42,7 +42,6 @@ __all__ = [
     "particle_metrics",
     "exact_draws",
     "run_arrays",
-    "decode_rows",
 ]
 
 TEXTS = list(ALPHABET)
@@ -231,8 +230,3 @@ def exact_draws(target: ExactTarget, count: int, seed: int):
     weights carrying ``Z`` (the reference no sampler can beat at ``count`` particles)."""
     rows = np.random.default_rng(seed).choice(len(target.log_p), count, p=np.exp(target.log_p))
     return target.sequences[rows], np.full(count, target.log_z)
-
-
-def decode_rows(rows, eos_id: int) -> list[str]:
-    """The text of each token row (up to its EOS)."""
-    return ["".join(TEXTS[t] for t in row if t < eos_id) for row in np.asarray(rows).tolist()]
